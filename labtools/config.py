@@ -1,0 +1,158 @@
+"""RunConfig: the single source of every training parameter.
+
+The CLI flags, the notebooks' parameters cells and each run's manifest are views of it.
+Names follow the paper where it names a thing (batch_per_node, ranks_per_node, epochs, lr, cifar_dir).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field, fields
+
+PREPROCESS = ("caffe", "unit", "standardize")
+SYNCS = ("epoch-average", "local-sgd", "allreduce")
+AVERAGE_IMPLS = ("gather-bcast", "allreduce")
+OPT_STATE = ("keep", "average", "reset")
+LR_SCALING = ("none", "linear", "sqrt")
+OPTIMIZERS = ("adam", "sgd")
+
+
+class ConfigError(ValueError):
+    """A user-caused configuration error; its message is one sentence meant for the user."""
+
+
+def _opt(default, help, choices=None, flag=True):
+    return field(default=default, metadata={"help": help, "choices": choices, "flag": flag})
+
+
+@dataclass
+class RunConfig:
+    # --- the paper's protocol (§3.2.5) ---
+    np: int | None = _opt(None, "world size N (logical ranks); default: the number of MPI processes")
+    batch_per_node: int = _opt(24, "images per node per step (the paper: 24)")
+    ranks_per_node: int = _opt(2, "ranks per node; batch per rank = batch_per_node / ranks_per_node")
+    epochs: int = _opt(10, "training epochs")
+    lr: float = _opt(5e-4, "learning rate (the paper names only this; the optimizer is Adam by default)")
+    cifar_dir: str | None = _opt(None, "folder holding cifar-10-batches-py files (else $CIFAR10_DIR, data/, ~/.keras/datasets)")
+    seed: int = _opt(0, "random seed for weights, dropout and shuffling")
+    # --- data ---
+    preprocess: str = _opt("caffe", "input preprocessing: caffe (BGR, ImageNet means subtracted; trains), "
+                           "unit (x/255) or standardize (per-channel mean/std)", PREPROCESS)
+    shuffle: bool = _opt(False, "reshuffle inside each rank's shard every epoch (the paper: fixed order)")
+    limit_train: int | None = _opt(None, "use only the first K training images (quick runs)")
+    limit_test: int | None = _opt(None, "use only the first K test images (quick runs)")
+    # --- optimizer ---
+    optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
+    momentum: float = _opt(0.9, "momentum for --optimizer sgd")
+    lr_scaling: str = _opt("none", "scale lr with the global batch relative to one rank: none, linear, sqrt", LR_SCALING)
+    warmup_epochs: float = _opt(0.0, "linear warmup from lr to the scaled lr over this many epochs")
+    # --- synchronisation ---
+    sync: str = _opt("epoch-average", "sync strategy: epoch-average (the paper), local-sgd, allreduce", SYNCS)
+    sync_every: int = _opt(0, "local-sgd period H in steps (0: once per epoch)")
+    average_impl: str = _opt("gather-bcast", "how weights are averaged: gather-bcast (the paper's §3.2.3) or allreduce",
+                             AVERAGE_IMPLS)
+    opt_state: str = _opt("keep", "optimizer state at a weight average: keep (per rank), average, reset", OPT_STATE)
+    # --- model options ---
+    final_relu: bool = _opt(True, "ReLU after conv10 (the paper's model)")
+    conv10_init: str = _opt("keras", "conv10 init: keras (Glorot) or caffe (N(0, 0.01))", ("keras", "caffe"))
+    padding: str = _opt("valid", "conv1 padding", ("valid", "same"))
+    dropout: float = _opt(0.5, "dropout rate before conv10")
+    # --- execution and records ---
+    threads: int = _opt(0, "TensorFlow threads per process (0: cores on this host / processes on this host)")
+    eval_batch: int = _opt(500, "batch size for test-set evaluation")
+    diagnostics: bool = _opt(True, "record dead-ReLU fractions, gradient norms and weight divergence")
+    out: str = _opt("results", "results root folder")
+    experiment: str = _opt("default", "experiment name: runs go to OUT/EXPERIMENT/RUN_ID/")
+    run_id: str | None = _opt(None, "run folder name (default: UTC time, config hash and seed)")
+    label: str = _opt("", "free-text label stored in the manifest (e.g. a profile name)")
+    quiet: bool = _opt(False, "no per-epoch console lines")
+    inject_failure: str | None = _opt(None, "testing: RANK:EPOCH raises on that logical rank in that epoch")
+
+    # ---------------------------------------------------------------- derived
+    @property
+    def batch_per_rank(self) -> int:
+        return self.batch_per_node // self.ranks_per_node
+
+    def validate(self) -> "RunConfig":
+        """Raise ConfigError with one clear sentence for anything a user can get wrong."""
+        for f in fields(self):
+            ch = f.metadata.get("choices")
+            v = getattr(self, f.name)
+            if ch and v not in ch:
+                raise ConfigError(f"--{_flag(f.name)} must be one of {', '.join(ch)}; got {v!r}.")
+        if self.batch_per_node < 1 or self.ranks_per_node < 1:
+            raise ConfigError("--batch-per-node and --ranks-per-node must be positive integers.")
+        if self.batch_per_node % self.ranks_per_node:
+            raise ConfigError(f"--batch-per-node {self.batch_per_node} is not divisible by --ranks-per-node "
+                              f"{self.ranks_per_node}; every rank needs the same batch size.")
+        if self.np is not None and self.np < 1:
+            raise ConfigError(f"--np must be at least 1; got {self.np}.")
+        if self.epochs < 1:
+            raise ConfigError(f"--epochs must be at least 1; got {self.epochs}.")
+        if not self.lr > 0:
+            raise ConfigError(f"--lr must be positive; got {self.lr}.")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"--dropout must be in [0, 1); got {self.dropout}.")
+        if self.sync_every < 0 or self.warmup_epochs < 0:
+            raise ConfigError("--sync-every and --warmup-epochs must not be negative.")
+        if self.sync == "local-sgd" and self.sync_every == 0:
+            raise ConfigError("--sync local-sgd needs --sync-every H (steps between weight averages).")
+        for name in ("limit_train", "limit_test"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ConfigError(f"--{_flag(name)} must be at least 1; got {v}.")
+        if self.inject_failure is not None:
+            try:
+                r, e = (int(s) for s in self.inject_failure.split(":"))
+            except ValueError:
+                raise ConfigError(f"--inject-failure takes RANK:EPOCH, e.g. 1:1; got {self.inject_failure!r}.")
+        if "/" in self.experiment or self.experiment in ("", ".", ".."):
+            raise ConfigError(f"--experiment must be a plain folder name; got {self.experiment!r}.")
+        return self
+
+    # ------------------------------------------------------------- views
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown RunConfig field(s): {', '.join(unknown)}.")
+        return cls(**d)
+
+    def replace(self, **kw) -> "RunConfig":
+        return dataclasses.replace(self, **kw)
+
+    def science_key(self) -> str:
+        """Hash of the fields that change what is computed (not where records go or how loud)."""
+        skip = {"out", "experiment", "run_id", "label", "quiet", "threads", "eval_batch", "cifar_dir"}
+        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+    # ------------------------------------------------------------- CLI
+    @classmethod
+    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+        for f in fields(cls):
+            flag = "--" + _flag(f.name)
+            h = f.metadata["help"]
+            if f.type in ("bool", bool):
+                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+            else:
+                typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], str)
+                p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=h,
+                               choices=f.metadata.get("choices"))
+
+    @classmethod
+    def from_args(cls, ns: argparse.Namespace) -> "RunConfig":
+        return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,239 @@
+"""CIFAR-10: find, download, verify, load as uint8; strided shards; input preprocessing.
+
+Imports nothing from labtools and no TensorFlow: a rank holds the uint8 arrays (150 MB for the
+training set) and converts only the batch it is about to use to float32.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import shutil
+import tarfile
+import tempfile
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
+ARCHIVE_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
+FOLDER = "cifar-10-batches-py"
+# md5 of the official files (the values torchvision publishes).
+MD5 = {
+    "data_batch_1": "c99cafc152244af753f735de768cd75f",
+    "data_batch_2": "d4bba439e000b95fd0a9bffe97cbabec",
+    "data_batch_3": "54ebc095f3ab1f0389bbae665268c751",
+    "data_batch_4": "634d18415352ddfa80567beed471001a",
+    "data_batch_5": "482c414d41f54cd18b22e5b47cb7c3cb",
+    "test_batch": "40351d587109b95175f43aff81a1287e",
+    "batches.meta": "5ff9c542aee3614f3951f8cda6e48888",
+}
+TRAIN_SIZE, TEST_SIZE = 50_000, 10_000
+CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+# Preprocessing constants. 'caffe' is keras.applications.imagenet_utils.preprocess_input's
+# default mode: RGB->BGR, subtract the ImageNet BGR means, no scaling.
+IMAGENET_BGR_MEAN = np.array([103.939, 116.779, 123.68], np.float32)
+CIFAR_RGB_MEAN = np.array([125.307, 122.950, 113.865], np.float32)  # training set, 0..255
+CIFAR_RGB_STD = np.array([62.993, 62.089, 66.705], np.float32)
+
+
+class DataError(RuntimeError):
+    """Data is missing or damaged; the message says where and what to do."""
+
+
+# ------------------------------------------------------------------ locate
+
+def candidate_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
+    """Where the batches are looked for, in order."""
+    c = []
+    if explicit:
+        c.append(Path(explicit).expanduser())
+    if os.environ.get("CIFAR10_DIR"):
+        c.append(Path(os.environ["CIFAR10_DIR"]).expanduser())
+    c.append(Path("data") / FOLDER)
+    c.append(Path.home() / ".keras" / "datasets" / FOLDER)
+    return c
+
+
+def _has_files(d: Path) -> bool:
+    return d.is_dir() and all((d / f).is_file() for f in MD5)
+
+
+def find_cifar_dir(explicit: str | os.PathLike | None = None, download: bool = True) -> Path:
+    """Return the first folder holding all seven files; download into data/ if none does.
+
+    An explicit path that lacks the files is an error (no silent fallback to another copy).
+    """
+    if explicit:
+        d = Path(explicit).expanduser()
+        if _has_files(d):
+            return d
+        if (d / FOLDER).is_dir() and _has_files(d / FOLDER):
+            return d / FOLDER
+        missing = [f for f in MD5 if not (d / f).is_file()]
+        raise DataError(f"CIFAR-10 folder {d} lacks {', '.join(missing)}; point --cifar-dir at the "
+                        f"extracted '{FOLDER}' folder or run `labtools data download`.")
+    for d in candidate_dirs(None):
+        if _has_files(d):
+            return d
+    if download:
+        return download_cifar10(Path("data"))
+    tried = ", ".join(str(d) for d in candidate_dirs(None))
+    raise DataError(f"CIFAR-10 not found (looked in {tried}); set CIFAR10_DIR or pass --cifar-dir, "
+                    f"or run `labtools data download` on a machine that is online.")
+
+
+def download_cifar10(dest: Path) -> Path:
+    """Download the official archive, check its sha256, extract atomically into dest/FOLDER."""
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / FOLDER
+    tmpdir = Path(tempfile.mkdtemp(prefix=".cifar-", dir=dest))
+    try:
+        archive = tmpdir / "cifar-10-python.tar.gz"
+        try:
+            with urllib.request.urlopen(URL, timeout=30) as r, open(archive, "wb") as f:
+                total = int(r.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc="CIFAR-10") as bar:
+                    while chunk := r.read(1 << 20):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+        except OSError as e:
+            raise DataError(f"CIFAR-10 is not on this machine and downloading {URL} failed ({e}); "
+                            f"copy '{FOLDER}' here and set CIFAR10_DIR to it.") from None
+        got = _digest(archive, "sha256")
+        if got != ARCHIVE_SHA256:
+            raise DataError(f"downloaded archive has sha256 {got}, expected {ARCHIVE_SHA256}; "
+                            f"it is damaged or not the official file, nothing was extracted.")
+        with tarfile.open(archive) as t:
+            t.extractall(tmpdir, filter="data")
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmpdir / FOLDER, target)  # atomic: a half-extracted folder is never visible
+        verify(target)
+        return target
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ verify
+
+def _digest(path: Path, algo: str) -> str:
+    h = hashlib.new(algo)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _stamp_file() -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "labtools" / "verified.json"
+
+
+def _fingerprint(d: Path) -> dict:
+    return {f: [(d / f).stat().st_size, int((d / f).stat().st_mtime)] for f in sorted(MD5)}
+
+
+def verify(d: str | os.PathLike, force: bool = False) -> Path:
+    """Check the seven files' md5 once; remember the pass (keyed by path, sizes and mtimes)."""
+    d = Path(d).resolve()
+    missing = [f for f in MD5 if not (d / f).is_file()]
+    if missing:
+        raise DataError(f"CIFAR-10 folder {d} lacks {', '.join(missing)}; re-extract the official archive there.")
+    stamp = _stamp_file()
+    key, fp = str(d), _fingerprint(d)
+    try:
+        seen = json.loads(stamp.read_text())
+    except (OSError, ValueError):
+        seen = {}
+    if not force and seen.get(key) == fp:
+        return d
+    for f, want in MD5.items():
+        got = _digest(d / f, "md5")
+        if got != want:
+            raise DataError(f"{d / f} has md5 {got}, expected {want}: the file is truncated or altered; "
+                            f"replace it with the official one (`labtools data download`).")
+    seen[key] = fp
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(seen, indent=1))
+        os.replace(tmp, stamp)
+    except OSError:
+        pass  # a read-only home only costs a re-check next time
+    return d
+
+
+# ------------------------------------------------------------------ load
+
+def _load_batch(path: Path):
+    try:
+        with open(path, "rb") as f:
+            d = pickle.load(f, encoding="bytes")
+        x = np.asarray(d[b"data"], np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+        y = np.asarray(d[b"labels"], np.int64)
+    except Exception as e:  # noqa: BLE001 - any damage gets the same clear sentence
+        raise DataError(f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}).") from None
+    return np.ascontiguousarray(x), y
+
+
+def load_cifar10(d: str | os.PathLike, train: bool = True, test: bool = True,
+                 limit_train: int | None = None, limit_test: int | None = None):
+    """Return (x_train, y_train, x_test, y_test): uint8 (N,32,32,3) and int64 labels (None if skipped)."""
+    d = Path(d)
+    xtr = ytr = xte = yte = None
+    if train:
+        parts = [_load_batch(d / f"data_batch_{i}") for i in range(1, 6)]
+        xtr = np.concatenate([p[0] for p in parts])
+        ytr = np.concatenate([p[1] for p in parts])
+        if limit_train:
+            xtr, ytr = xtr[:limit_train], ytr[:limit_train]
+    if test:
+        xte, yte = _load_batch(d / "test_batch")
+        if limit_test:
+            xte, yte = xte[:limit_test], yte[:limit_test]
+    return xtr, ytr, xte, yte
+
+
+# ------------------------------------------------------------------ shards
+
+def shard_indices(n: int, world: int, rank: int) -> np.ndarray:
+    """The paper's strided shard I_r = {i : i mod N = r} (§3.2.2)."""
+    if not 0 <= rank < world:
+        raise ValueError(f"rank {rank} outside world of size {world}")
+    return np.arange(rank, n, world, dtype=np.int64)
+
+
+def epoch_order(shard: np.ndarray, epoch: int, seed: int, rank: int, shuffle: bool) -> np.ndarray:
+    """The order a rank visits its shard in an epoch: fixed (the paper) or a seeded permutation."""
+    if not shuffle:
+        return shard
+    rng = np.random.default_rng([seed, rank, epoch])
+    return shard[rng.permutation(len(shard))]
+
+
+def dropout_keys(indices: np.ndarray, epoch: int, seed: int) -> np.ndarray:
+    """Per-sample dropout keys: a function of (seed, epoch, sample index) only, never of the rank."""
+    k = (indices.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+         + np.uint64((seed * 1_000_003 + epoch) * 0x632BE59BD9B4E019 % (1 << 64)))
+    return ((k >> np.uint64(33)) & np.uint64(0x7FFFFFFF)).astype(np.int64)
+
+
+# ------------------------------------------------------------------ preprocessing
+
+def preprocess(x: np.ndarray, mode: str) -> np.ndarray:
+    """uint8 (B,32,32,3) RGB -> float32 model input."""
+    x = x.astype(np.float32)
+    if mode == "caffe":
+        return x[..., ::-1] - IMAGENET_BGR_MEAN
+    if mode == "unit":
+        return x / 255.0
+    if mode == "standardize":
+        return (x - CIFAR_RGB_MEAN) / CIFAR_RGB_STD
+    raise ValueError(f"unknown preprocessing mode {mode!r}")

@@ -1,0 +1,50 @@
+"""Facts that make a number traceable: git commit, package versions, host, UTC time."""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import socket
+import subprocess
+from importlib import metadata
+from pathlib import Path
+
+PACKAGES = ("labtools", "tensorflow", "tensorflow-cpu", "keras", "numpy", "mpi4py", "mpich",
+            "ipyparallel", "papermill", "pandas", "matplotlib", "psutil")
+
+
+def utc_now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def git_commit() -> str | None:
+    """Commit of the labtools source tree (with '+dirty' when it has uncommitted changes)."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if not sha:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return sha + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    out = {"python": platform.python_version()}
+    for p in PACKAGES:
+        try:
+            out[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def host() -> dict:
+    return {"hostname": socket.gethostname(), "platform": platform.platform(), "machine": platform.machine()}
+
+
+def sidecar(**extra) -> dict:
+    """The provenance block written next to every table and figure."""
+    return {"git_commit": git_commit(), "versions": versions(), "host": host(), "date_utc": utc_now(), **extra}

@@ -1,0 +1,210 @@
+"""labtools.train.run(config): the per-process training loop, the same under mpiexec, ipyparallel or plain Python.
+
+Order of work: validate the config and the world (one clear sentence, before any training), find
+and verify CIFAR-10, build this process's logical ranks, then per epoch: the sync strategy trains,
+the processes evaluate the synchronized model on the test set together, the root writes records.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from pathlib import Path
+
+from .comm import Comm, RankFailure, default_threads
+from .config import ConfigError, RunConfig
+from . import data as D
+from . import provenance, results
+
+LN10 = math.log(10.0)
+COLLAPSE_TOL = 1e-3  # test loss within this of ln 10 = the paper's collapsed state
+
+
+def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
+    """World size N for this launch, or ConfigError."""
+    world = cfg.np or processes
+    if world % processes:
+        raise ConfigError(f"--np {world} is not a multiple of the {processes} MPI processes; "
+                          f"each process must host the same number of logical ranks.")
+    if world > n_train:
+        raise ConfigError(f"--np {world} is larger than the {n_train} training images; "
+                          f"every rank needs at least one image.")
+    return world
+
+
+def _set_threads(n: int) -> None:
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(n)
+        tf.config.threading.set_inter_op_parallelism_threads(1 if n == 1 else 2)
+    except RuntimeError:
+        pass  # TensorFlow already initialised in this process (e.g. a reused notebook engine)
+
+
+def _prepare(cfg: RunConfig, comm: Comm):
+    """Root finds, downloads if needed, and verifies the data; everyone then checks the same path."""
+    err, path = None, None
+    if comm.is_root:
+        try:
+            path = str(D.verify(D.find_cifar_dir(cfg.cifar_dir)))
+        except (D.DataError, OSError) as e:
+            err = str(e)
+    err, path = comm.bcast((err, path))
+    if err:
+        raise D.DataError(err)
+    local_err = None if all((Path(path) / f).is_file() for f in D.MD5) else \
+        f"CIFAR-10 folder {path} (verified on the root) is missing on host {comm.host}; every node needs it at the same path."
+    bad = [m for m in comm.allgather(local_err) if m]
+    if bad:
+        raise D.DataError(bad[0])
+    n_train = min(cfg.limit_train or D.TRAIN_SIZE, D.TRAIN_SIZE)
+    return path, n_train
+
+
+def _say(cfg: RunConfig, line: str) -> None:
+    if not cfg.quiet:
+        print(line, flush=True)
+
+
+def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
+    """Train with cfg on this process's logical ranks; return the run summary (on every process)."""
+    cfg.validate()
+    comm = comm or Comm()
+    path, n_train = _prepare(cfg, comm)
+    world = check_world(cfg, comm.size, n_train)
+    cfg = cfg.replace(cifar_dir=path)
+    _set_threads(cfg.threads or default_threads(comm))
+
+    from .monitor import Monitor
+    from .sync import make_strategy
+    from .worker import Worker
+
+    xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    w = Worker(cfg, comm, world, xtr, ytr, xte, yte)
+    strategy = make_strategy(cfg)
+
+    # ---- run directory and manifest (root), path shared with everyone
+    run_dir = None
+    if comm.is_root:
+        run_id = cfg.run_id or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-np{world}-{cfg.science_key()}-s{cfg.seed}"
+        run_dir = Path(cfg.out) / cfg.experiment / run_id
+        if (run_dir / "manifest.json").exists():
+            run_dir = run_dir.with_name(f"{run_id}-{os.getpid()}")
+    run_dir = Path(comm.bcast(str(run_dir) if run_dir else None))
+    hosts = comm.gather(comm.host)
+    manifest = {
+        "config": cfg.to_dict(), "world": world, "processes": comm.size, "ranks_per_process": w.k,
+        "cluster_wall_time": world == comm.size, "hosts": hosts, "science_key": cfg.science_key(),
+        "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
+        "versions": provenance.versions(), "host": provenance.host(), "start_utc": provenance.utc_now(),
+        "n_train": len(ytr), "n_test": len(yte), "steps_per_epoch": w.steps_per_epoch,
+        "seed": cfg.seed, "status": "running",
+    }
+    if comm.is_root:
+        results.write_json(run_dir / "manifest.json", manifest)
+    for r in w.ranks:
+        _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples")
+
+    rank_rows = {r: [] for r in w.ranks}
+    epoch_rows = []
+    train_wall = 0.0
+    try:
+        with Monitor() as mon:
+            strategy.start(w)
+            for epoch in range(cfg.epochs):
+                t0 = time.perf_counter()
+                stats, info = strategy.train_epoch(w, epoch)
+                t_train = time.perf_counter() - t0
+                train_wall += t_train
+                rss, cpu = mon.lap()
+                rows = {}
+                for r in w.ranks:
+                    st = stats[r]
+                    rows[r] = {
+                        "rank": r, "epoch": epoch + 1, "train_loss": st.loss / max(st.n, 1),
+                        "train_acc": st.correct / max(st.n, 1), "samples": st.n, "epoch_s": st.seconds,
+                        "mean_step_s": st.seconds / max(st.steps, 1), "img_per_s": st.n / max(st.seconds, 1e-9),
+                        "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": rss, "cpu_pct": cpu,
+                        "process": comm.rank, "process_epoch_s": t_train,
+                    }
+                    rank_rows[r].append(rows[r])
+                    _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
+                              f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
+                # ---- evaluate the synchronized model together; gather rank rows to the root
+                t1 = time.perf_counter()
+                ev = _evaluate_phase(w)
+                tl, tc = comm.sum(ev[0]), comm.sum(ev[1])
+                diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
+                t_eval = time.perf_counter() - t1
+                all_rows = comm.gather(rows)
+                slow = comm.max(t_train)
+                if comm.is_root:
+                    flat = [row for part in all_rows for row in part.values()]
+                    n_all = sum(x["samples"] for x in flat)
+                    test_loss, test_acc = tl / len(yte), tc / len(yte)
+                    er = {
+                        "epoch": epoch + 1, "test_loss": test_loss, "test_acc": test_acc,
+                        "mean_train_loss": sum(x["train_loss"] for x in flat) / len(flat),
+                        "mean_train_acc": sum(x["train_acc"] for x in flat) / len(flat),
+                        "global_img_per_s": n_all / max(slow, 1e-9), "epoch_wall_s": slow,
+                        "sync_s": info["sync_s"], "syncs": info["syncs"], "weight_divergence": info["divergence"],
+                        "grad_norm": sum(x["grad_norm"] for x in flat) / len(flat), "eval_s": t_eval,
+                        "lr": w._lr_now, "collapsed": abs(test_loss - LN10) < COLLAPSE_TOL, **diag,
+                    }
+                    epoch_rows.append(er)
+                    results.write_csv(run_dir / "epochs.csv", epoch_rows)
+                    for row in flat:
+                        rank_rows.setdefault(row["rank"], [])
+                        if row["rank"] not in w.ranks:
+                            rank_rows[row["rank"]].append(row)
+                    for r, rr in rank_rows.items():
+                        results.write_csv(run_dir / "ranks" / f"rank_{r:03d}.csv", rr)
+                    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} test_acc={test_acc:.4f} "
+                              f"test_loss={test_loss:.4f} wall={slow:.2f}s"
+                              + (f" dead_conv10={diag['dead_conv10_frac']:.2f}" if diag else ""))
+    except BaseException as e:
+        if comm.is_root:
+            results.atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n")
+            results.write_json(run_dir / "manifest.json", {**manifest, "status": "failed",
+                                                           "end_utc": provenance.utc_now(), "error": str(e)})
+        raise
+
+    global_wall = comm.max(train_wall)
+    summary = None
+    if comm.is_root:
+        last = epoch_rows[-1]
+        summary = {
+            "world": world, "processes": comm.size, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
+            "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
+            "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+            "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
+            "global_wall_s": global_wall, "cluster_wall_time": world == comm.size,
+            "collapsed": bool(last["collapsed"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
+            "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
+            "eval_s": sum(r["eval_s"] for r in epoch_rows),
+        }
+        _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
+        _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
+        _say(cfg, f"[Root] Test acc: {summary['test_acc']:.4f} | Test loss: {summary['test_loss']:.4f}")
+        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now()})
+        results.append_csv_row(Path(cfg.out) / cfg.experiment / "scaling_results.csv", {
+            "world": world, "epochs": cfg.epochs, "batch_per_node": cfg.batch_per_node,
+            "batch_per_rank": cfg.batch_per_rank, "mean_train_loss": f"{summary['mean_train_loss']:.4f}",
+            "mean_train_acc_pct": f"{100 * summary['mean_train_acc']:.2f}", "global_time_sec": f"{global_wall:.2f}",
+            "cifar_dir": path, "test_acc_pct": f"{100 * summary['test_acc']:.2f}",
+            "test_loss": f"{summary['test_loss']:.4f}", "processes": comm.size, "sync": cfg.sync,
+            "seed": cfg.seed, "run_id": run_dir.name}, results.SCALING_COLUMNS)
+        results.write_json(run_dir / "summary.json", summary)  # last: marks the run complete
+    summary = comm.bcast(summary)
+    summary["run_dir"] = str(run_dir)
+    return summary
+
+
+def _evaluate_phase(w):
+    from .sync import run_phase
+
+    return run_phase(w, w.evaluate)
+
+
+__all__ = ["run", "check_world", "RankFailure"]

@@ -1,0 +1,229 @@
+"""One MPI process's share of the experiment: its logical ranks, the model and the step functions.
+
+A process hosts k = N/P consecutive logical ranks. Each has its own strided shard, its own weights
+between syncs and its own optimizer state, exactly as a real rank would. The Keras model holds the
+state of one rank at a time; ``activate(r)`` swaps states (flat float32 vectors), which costs a
+few milliseconds and happens once per rank per sync round. With k = 1 nothing is ever swapped.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from . import data as D
+from .comm import Comm, RankFailure
+from .config import RunConfig
+from .model import relu_probe, squeezenet_v1_1
+
+PEER_MARK = "LABTOOLS_PEER_FAILED"
+LN10 = math.log(10.0)
+
+
+class PeerFailed(Exception):
+    """Another process reported a failure; stop this phase and go to the agreement point."""
+
+
+class InjectedFailure(RuntimeError):
+    pass
+
+
+def _flat(vars_) -> np.ndarray:
+    return np.concatenate([v.numpy().ravel() for v in vars_]) if vars_ else np.zeros(0, np.float32)
+
+
+class Worker:
+    def __init__(self, cfg: RunConfig, comm: Comm, world: int, xtr, ytr, xte, yte):
+        self.cfg, self.comm = cfg, comm
+        self.N, self.P = world, comm.size
+        self.k = world // comm.size
+        self.ranks = list(range(comm.rank * self.k, (comm.rank + 1) * self.k))
+        self.b = cfg.batch_per_rank
+        self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
+        self.shards = {r: D.shard_indices(len(ytr), world, r) for r in self.ranks}
+        # Every process derives the same step count without talking: the largest shard decides.
+        self.steps_per_epoch = math.ceil(math.ceil(len(ytr) / world) / self.b)
+        self.inject = tuple(int(s) for s in cfg.inject_failure.split(":")) if cfg.inject_failure else None
+
+        keras.utils.set_random_seed(cfg.seed)
+        self.model = squeezenet_v1_1(final_relu=cfg.final_relu, conv10_init=cfg.conv10_init,
+                                     padding=cfg.padding, dropout=cfg.dropout, keyed_dropout=True)
+        if cfg.optimizer == "adam":
+            self.opt = keras.optimizers.Adam(learning_rate=cfg.lr)
+        else:
+            self.opt = keras.optimizers.SGD(learning_rate=cfg.lr, momentum=cfg.momentum)
+        self.tvars = list(self.model.trainable_variables)
+        self.opt.build(self.tvars)
+        lr_var = self.opt._learning_rate  # a Keras Variable when a float is given
+        self.ovars = [v for v in self.opt.variables if v is not lr_var]
+        self._lr_now = None
+        self.shapes = [tuple(v.shape) for v in self.tvars]
+        self.sizes = [int(np.prod(s)) for s in self.shapes]
+        self.n_params = sum(self.sizes)
+
+        # Root's initial weights everywhere (§3.2.3: identical start on every rank).
+        w0 = comm.bcast(_flat(self.tvars) if comm.is_root else None)
+        self._assign(self.tvars, w0)
+        o0 = _flat(self.ovars)
+        self.states = {r: [w0.copy(), o0.copy()] for r in self.ranks}
+        self.current = self.ranks[0]  # the model's variables hold this rank's state
+        self._build_functions()
+        self.probe = relu_probe(self.model) if cfg.diagnostics else None
+        self._probe_idx = np.arange(min(256, len(ytr)))
+
+    # ------------------------------------------------------------------ state
+    @staticmethod
+    def _assign(vars_, flat) -> None:
+        o = 0
+        for v in vars_:
+            n = int(np.prod(v.shape))
+            v.assign(flat[o:o + n].reshape(v.shape))
+            o += n
+
+    def activate(self, r: int) -> None:
+        if r == self.current:
+            return
+        self.states[self.current] = [_flat(self.tvars), _flat(self.ovars)]
+        self._assign(self.tvars, self.states[r][0])
+        self._assign(self.ovars, self.states[r][1])
+        self.current = r
+
+    def flush(self) -> None:
+        """Copy the model's variables back into the current rank's state."""
+        self.states[self.current] = [_flat(self.tvars), _flat(self.ovars)]
+
+    def set_all(self, w: np.ndarray | None = None, o: dict | None = None) -> None:
+        """After a sync: every local rank gets weights w and (optionally) its new optimizer state."""
+        for r in self.ranks:
+            if w is not None:
+                self.states[r][0] = w.copy()
+            if o is not None:
+                self.states[r][1] = o[r].copy()
+        self._assign(self.tvars, self.states[self.current][0])
+        self._assign(self.ovars, self.states[self.current][1])
+
+    # ------------------------------------------------------------------ lr
+    def lr_at(self, epoch: int, step: int) -> float:
+        c = self.cfg
+        scale = {"none": 1.0, "linear": float(self.N), "sqrt": math.sqrt(self.N)}[c.lr_scaling]
+        target = c.lr * scale
+        t = epoch + step / self.steps_per_epoch
+        if c.warmup_epochs > 0 and t < c.warmup_epochs:
+            return c.lr + (target - c.lr) * t / c.warmup_epochs
+        return target
+
+    def set_lr(self, epoch: int, step: int) -> None:
+        lr = self.lr_at(epoch, step)
+        if lr != self._lr_now:
+            self.opt.learning_rate = lr
+            self._lr_now = lr
+
+    # ------------------------------------------------------------------ graphs
+    def _build_functions(self) -> None:
+        model, opt, tvars = self.model, self.opt, self.tvars
+        spec = (tf.TensorSpec([None, 32, 32, 3], tf.float32), tf.TensorSpec([None], tf.int64),
+                tf.TensorSpec([None], tf.int64))
+
+        def forward(x, y, k, training):
+            p = model([x, k], training=training)
+            per = keras.losses.sparse_categorical_crossentropy(y, p)
+            correct = tf.cast(tf.equal(tf.argmax(p, axis=-1), y), tf.float32)
+            return per, correct
+
+        @tf.function(input_signature=spec, reduce_retracing=True)
+        def local_step(x, y, k):
+            with tf.GradientTape() as tape:
+                per, correct = forward(x, y, k, True)
+                loss = tf.reduce_mean(per)
+            grads = tape.gradient(loss, tvars)
+            opt.apply(grads, tvars)
+            return tf.reduce_sum(per), tf.reduce_sum(correct), tf.linalg.global_norm(grads)
+
+        sizes, shapes = self.sizes, self.shapes
+
+        @tf.function(input_signature=spec, reduce_retracing=True)
+        def allreduce_step(x, y, k):
+            # Fused synchronous SGD: sum-gradients of this process's samples, one Allreduce of one
+            # flat buffer (grads, sample count, error flag), mean over all samples, apply.
+            with tf.GradientTape() as tape:
+                per, correct = forward(x, y, k, True)
+                total = tf.reduce_sum(per)
+            grads = tape.gradient(total, tvars)
+            n = tf.cast(tf.shape(y)[0], tf.float32)
+            flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.stack([n, 0.0])], 0)
+            red = tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True)
+            red = tf.reshape(red, tf.shape(flat))
+            parts = tf.split(red[:-2], sizes)
+            mean = [tf.reshape(g, s) / red[-2] for g, s in zip(parts, shapes)]
+            opt.apply(mean, tvars)
+            return per, correct, tf.linalg.global_norm(mean)
+
+        @tf.function(input_signature=spec[:2], reduce_retracing=True)
+        def evaluate(x, y):
+            per, correct = forward(x, y, tf.zeros_like(y), False)
+            return tf.reduce_sum(per), tf.reduce_sum(correct)
+
+        self.local_step, self.allreduce_step, self.evaluate_fn = local_step, allreduce_step, evaluate
+
+    def _allreduce_np(self, flat: np.ndarray) -> np.ndarray:
+        out = self.comm.allreduce_array(flat)
+        if out[-1] > 0:
+            raise RankFailure(f"{PEER_MARK}: {int(out[-1])} process(es) failed during a synchronous step")
+        return out
+
+    def post_step_failure(self) -> None:
+        """Join the current step's Allreduce with the error flag set, so peers do not wait forever."""
+        buf = np.zeros(self.n_params + 2, np.float32)
+        buf[-1] = 1.0
+        self.comm.allreduce_array(buf)
+
+    # ------------------------------------------------------------------ batches
+    def batch(self, idx: np.ndarray, epoch: int):
+        x = D.preprocess(self.xtr[idx], self.cfg.preprocess)
+        return x, self.ytr[idx], D.dropout_keys(idx, epoch, self.cfg.seed)
+
+    def check(self, rank: int, epoch: int) -> None:
+        """Per-step failure hooks: a peer's posted error, or an injected failure for tests."""
+        if self.comm.error_pending():
+            raise PeerFailed()
+        if self.inject and self.inject == (rank, epoch):
+            raise InjectedFailure(f"injected failure on rank {rank} in epoch {epoch}")
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self) -> tuple[float, float]:
+        """Test loss and accuracy of the (synchronized) model; processes split the test set."""
+        self.activate(self.ranks[0])
+        idx = np.arange(self.comm.rank, len(self.yte), self.P)
+        loss = correct = 0.0
+        for i in range(0, len(idx), self.cfg.eval_batch):
+            j = idx[i:i + self.cfg.eval_batch]
+            l, c = self.evaluate_fn(D.preprocess(self.xte[j], self.cfg.preprocess), self.yte[j])
+            loss += float(l)
+            correct += float(c)
+        return loss, correct
+
+    def dead_relus(self) -> dict:
+        """Fraction of ReLU channels that output 0 on every image of a fixed probe batch."""
+        idx = self._probe_idx
+        x = D.preprocess(self.xtr[idx], self.cfg.preprocess)
+        outs = self.probe([x, np.zeros(len(idx), np.int64)], training=False)
+        dead = total = 0
+        conv10 = 0.0
+        for name, a in zip(self.probe.output_names_list, outs):
+            a = np.asarray(a)
+            alive = (np.maximum(a, 0).reshape(-1, a.shape[-1]).max(axis=0) > 0)
+            if name == "conv10":
+                conv10 = float(1.0 - alive.mean())
+            else:
+                dead += int((~alive).sum())
+                total += alive.size
+        return {"dead_conv10_frac": conv10, "dead_relu_frac": dead / max(total, 1)}
+
+
+def timed(fn, *a):
+    t = time.perf_counter()
+    out = fn(*a)
+    return out, time.perf_counter() - t
