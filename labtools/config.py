@@ -66,6 +66,7 @@ class RunConfig:
     out: str = _opt("results", "results root folder")
     experiment: str = _opt("default", "experiment name: runs go to OUT/EXPERIMENT/RUN_ID/")
     run_id: str | None = _opt(None, "run folder name (default: UTC time, config hash and seed)")
+    save_weights: bool = _opt(False, "write the final synchronized weights to RUN_DIR/final_weights.npy")
     label: str = _opt("", "free-text label stored in the manifest (e.g. a profile name)")
     quiet: bool = _opt(False, "no per-epoch console lines")
     inject_failure: str | None = _opt(None, "testing: RANK:EPOCH raises on that logical rank in that epoch")

@@ -6,10 +6,13 @@ the processes evaluate the synchronized model on the test set together, the root
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import time
 from pathlib import Path
+
+import numpy as np
 
 from .comm import Comm, RankFailure, default_threads
 from .config import ConfigError, RunConfig
@@ -171,6 +174,11 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         raise
 
     global_wall = comm.max(train_wall)
+    # Every logical rank's final weights, fingerprinted: after the last sync they must all agree.
+    w.flush()
+    digests = comm.gather({r: hashlib.sha1(w.states[r][0].tobytes()).hexdigest()[:16] for r in w.ranks})
+    if comm.is_root and cfg.save_weights:
+        np.save(run_dir / "final_weights.npy", w.states[w.ranks[0]][0])
     summary = None
     if comm.is_root:
         last = epoch_rows[-1]
@@ -183,6 +191,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             "collapsed": bool(last["collapsed"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
             "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
             "eval_s": sum(r["eval_s"] for r in epoch_rows),
+            "final_weight_digests": {str(r): h for part in digests for r, h in part.items()},
         }
         _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
         _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")

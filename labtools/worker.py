@@ -95,6 +95,13 @@ class Worker:
         """Copy the model's variables back into the current rank's state."""
         self.states[self.current] = [_flat(self.tvars), _flat(self.ovars)]
 
+    def share_current(self) -> None:
+        """All local ranks take the model's state (synchronous SGD: they are one model)."""
+        self.flush()
+        w, o = self.states[self.current]
+        for r in self.ranks:
+            self.states[r] = [w.copy(), o.copy()]
+
     def set_all(self, w: np.ndarray | None = None, o: dict | None = None) -> None:
         """After a sync: every local rank gets weights w and (optionally) its new optimizer state."""
         for r in self.ranks:

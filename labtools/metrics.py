@@ -1,0 +1,48 @@
+"""Strong-scaling arithmetic and repeat aggregation, kept separate so tests can check it on the paper's numbers."""
+from __future__ import annotations
+
+
+def speedup(t_base, t):
+    """S = T_base / T (the paper's S_n, relative to its np = 2 baseline)."""
+    return t_base / t
+
+
+def efficiency(speedup, np, np_base):
+    """E in percent: speedup over the ideal speedup np / np_base (the paper's E_n)."""
+    return speedup / (np / np_base) * 100.0
+
+
+def aggregate(df, by, cols):
+    """Per group of `by`: <col>_mean, <col>_std and n_runs.
+
+    std uses ddof=1 (sample std over repeats), so a single repeat gives NaN rather than a
+    misleading 0: one run says nothing about run-to-run spread.
+    """
+    import pandas as pd
+
+    by = [by] if isinstance(by, str) else list(by)
+    g = df.groupby(by, sort=True)
+    out = pd.concat([g[cols].mean().add_suffix("_mean"), g[cols].std(ddof=1).add_suffix("_std")], axis=1)
+    out = out[[f"{c}_{s}" for c in cols for s in ("mean", "std")]]  # mean and std side by side
+    out["n_runs"] = g.size()
+    return out.reset_index()
+
+
+def add_scaling(df, time_col, np_col, base_np=2, base_rows=None):
+    """Copy of df with speedup, efficiency_pct and base_np columns.
+
+    The base time is the mean of `time_col` over the rows at the base np (a mean, so raw per-run
+    rows work too). If no row has base_np, the smallest np present is the base and base_np says so:
+    a silently different baseline would change every number. `base_rows` (boolean Series) limits
+    which rows may serve as the base, e.g. only real cluster timings.
+    """
+    out = df.copy()
+    cand = out if base_rows is None else out[base_rows]
+    if cand.empty:
+        raise ValueError("add_scaling: no rows eligible as the baseline")
+    nb = base_np if (cand[np_col] == base_np).any() else cand[np_col].min()
+    t_base = cand.loc[cand[np_col] == nb, time_col].mean()
+    out["speedup"] = speedup(t_base, out[time_col])
+    out["efficiency_pct"] = efficiency(out["speedup"], out[np_col], nb)
+    out["base_np"] = nb
+    return out

@@ -1,0 +1,147 @@
+"""labtools.cluster.Pool: engines map to MPI ranks, failures become one clear error, nothing is left behind."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from pathlib import Path
+
+import psutil
+import pytest
+
+from labtools.cluster import BIN, EngineDied, Pool, PoolError, _host_args, load_profile
+from labtools.config import RunConfig
+
+pytestmark = pytest.mark.mpi
+
+CLUSTER_PARTS = ("ipengine", "ipyparallel.engine", "ipcontroller", "ipyparallel.controller", "mpiexec",
+                 "hydra_pmi_proxy")
+
+
+def leftovers(cluster_id: str) -> list[str]:
+    """Live ipengine/ipcontroller/mpiexec processes below this test process or carrying the cluster id."""
+    cands = psutil.Process().children(recursive=True)
+    for p in psutil.process_iter():
+        try:
+            if p.environ().get("IPP_CLUSTER_ID") == cluster_id or cluster_id in " ".join(p.cmdline()):
+                cands.append(p)
+        except psutil.Error:
+            pass
+    found = set()
+    for p in cands:
+        try:
+            cmd = " ".join(p.cmdline()) or p.name()
+            if p.status() != psutil.STATUS_ZOMBIE and any(k in cmd for k in CLUSTER_PARTS):
+                found.add(f"{p.pid}: {cmd[:100]}")
+        except psutil.Error:
+            pass
+    return sorted(found)
+
+
+def notebook_fn(f):
+    """Ship f by value, as if defined in a notebook: the engines cannot import this test module."""
+    f.__module__ = "__main__"
+    return f
+
+
+@notebook_fn
+def _rank():
+    from mpi4py import MPI
+
+    return MPI.COMM_WORLD.Get_rank()
+
+
+@notebook_fn
+def _fail_on_rank_1():
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        raise ValueError("boom on purpose")
+    return "ok"
+
+
+@notebook_fn
+def _sleep(s):
+    import time
+
+    time.sleep(s)
+
+
+def tiny(tmp_path, cifar_dir, **kw) -> RunConfig:
+    return RunConfig(np=2, epochs=1, limit_train=96, limit_test=50, out=str(tmp_path), experiment="t",
+                     diagnostics=False, cifar_dir=cifar_dir, **kw)
+
+
+@pytest.mark.timeout(180)
+def test_engines_map_to_ranks_and_stop_leaves_nothing():
+    pool = Pool(n=2)
+    with pool:
+        cid = pool.cluster_id
+        assert sorted(pool.ranks.values()) == [0, 1]
+        assert set(pool.ranks) == set(pool.client.ids)
+        assert pool.apply(_rank) == [0, 1]  # the view is ordered by rank
+        assert leftovers(cid)  # the check sees a running pool
+    assert not pool.running
+    assert leftovers(cid) == []
+
+
+@pytest.mark.timeout(180)
+def test_exception_on_an_engine_is_one_error_and_pool_stops_clean():
+    with pytest.raises(PoolError, match=r"failed on MPI rank\(s\) 1: ValueError: boom on purpose") as ei:
+        with Pool(n=2) as pool:
+            cid = pool.cluster_id
+            with pytest.raises(PoolError):
+                pool.apply(_fail_on_rank_1)
+            assert pool.apply(_rank) == [0, 1]  # still usable after a task failed
+            pool.apply(_fail_on_rank_1)  # this one leaves the with block
+    assert ei.value.ranks == [1]
+    assert not pool.running and leftovers(cid) == []
+
+
+@pytest.mark.timeout(240)
+def test_run_trains_and_streams_rank_lines(tmp_path, cifar_dir, capsys):
+    with Pool(n=2) as pool:
+        cid = pool.cluster_id
+        summary = pool.run(tiny(tmp_path, cifar_dir))
+    assert summary["world"] == 2 and summary["processes"] == 2 and summary["epochs"] == 1
+    assert Path(summary["run_dir"], "summary.json").is_file()
+    assert [r["world"] for r in pool.last_results] == [2, 2]
+    out = capsys.readouterr().out
+    assert "[Rank 0] Epoch 1/1" in out and "[Rank 1] Epoch 1/1" in out and "[Root] Test acc" in out
+    assert leftovers(cid) == []
+
+
+@pytest.mark.timeout(240)
+def test_run_with_injected_failure_raises_and_pool_stops_clean(tmp_path, cifar_dir):
+    with Pool(n=2) as pool:
+        cid = pool.cluster_id
+        with pytest.raises(PoolError, match="injected failure on rank 1") as ei:
+            pool.run(tiny(tmp_path, cifar_dir, inject_failure="1:0"))
+        assert ei.value.ranks == [1] and "RankFailure" in str(ei.value)
+    assert leftovers(cid) == []
+
+
+@pytest.mark.timeout(240)
+def test_dead_engine_is_named_and_pool_restarted():
+    with Pool(n=2) as pool:
+        old = pool.cluster_id
+        threading.Timer(3, os.kill, (pool.pids[1], signal.SIGKILL)).start()
+        with pytest.raises(EngineDied, match=r"engine \d+ \(MPI rank 1, .*restarted") as ei:
+            pool.apply(_sleep, 120)
+        assert ei.value.ranks == [1]
+        assert leftovers(old) == []
+        assert pool.running and pool.cluster_id != old and pool.apply(_rank) == [0, 1]
+        new = pool.cluster_id
+    assert leftovers(new) == []
+
+
+def test_profile_file(tmp_path):
+    p = tmp_path / "pis.json"
+    p.write_text(json.dumps({"hosts": "pi1,pi2", "ranks_per_node": 2, "mpi_args": ["-v"]}))
+    prof = load_profile(p)
+    assert prof["hosts"] == ["pi1", "pi2"] and Pool(profile=p).n == 4
+    assert _host_args(prof, [str(BIN / "mpiexec")]) == ["-hosts", "pi1,pi2", "-ppn", "2"]  # MPICH wheel
+    p.write_text(json.dumps({"host": "pi1"}))
+    with pytest.raises(PoolError, match="unknown key"):
+        load_profile(p)

@@ -1,0 +1,179 @@
+"""Mechanics on small synthetic arrays: shards, config, data checks, preprocessing, model, dropout."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from labtools import data as D
+from labtools.config import ConfigError, RunConfig
+
+
+@pytest.mark.parametrize("n,world", [(50_000, 2), (50_000, 48), (50_000, 7), (10, 10), (97, 4)])
+def test_shards_disjoint_complete_balanced(n, world):
+    shards = [D.shard_indices(n, world, r) for r in range(world)]
+    allidx = np.concatenate(shards)
+    assert len(allidx) == n and len(np.unique(allidx)) == n  # disjoint and complete
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1  # balanced
+    for r, s in enumerate(shards):
+        assert np.all(s % world == r)  # the paper's i mod N = r
+
+
+def test_shuffle_is_seeded_permutation_of_shard():
+    s = D.shard_indices(1000, 4, 3)
+    assert np.array_equal(D.epoch_order(s, 0, 0, 3, False), s)
+    a, b = D.epoch_order(s, 1, 0, 3, True), D.epoch_order(s, 1, 0, 3, True)
+    assert np.array_equal(a, b) and not np.array_equal(a, s)
+    assert np.array_equal(np.sort(a), s)
+    assert not np.array_equal(a, D.epoch_order(s, 2, 0, 3, True))
+
+
+def test_dropout_keys_depend_on_sample_not_rank():
+    idx = np.array([5, 17, 400])
+    k = D.dropout_keys(idx, epoch=2, seed=1)
+    assert np.array_equal(k[1:], D.dropout_keys(idx[1:], 2, 1))
+    assert not np.array_equal(k, D.dropout_keys(idx, 3, 1))
+    assert k.min() >= 0 and k.max() < 2**31
+
+
+def test_preprocess_modes():
+    x = np.zeros((2, 32, 32, 3), np.uint8)
+    x[..., 0] = 255  # pure red
+    caffe = D.preprocess(x, "caffe")
+    assert np.allclose(caffe[0, 0, 0], [0 - 103.939, 0 - 116.779, 255 - 123.68])  # BGR, means off
+    assert np.allclose(D.preprocess(x, "unit")[0, 0, 0], [1, 0, 0])
+    st = D.preprocess(x, "standardize")[0, 0, 0]
+    assert np.allclose(st, (np.array([255, 0, 0]) - D.CIFAR_RGB_MEAN) / D.CIFAR_RGB_STD)
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"batch_per_node": 25, "ranks_per_node": 2}, "not divisible"),
+    ({"epochs": 0}, "--epochs"),
+    ({"lr": -1.0}, "--lr"),
+    ({"sync": "gossip"}, "--sync"),
+    ({"sync": "local-sgd"}, "--sync-every"),
+    ({"np": 0}, "--np"),
+    ({"inject_failure": "x"}, "RANK:EPOCH"),
+])
+def test_config_errors_are_one_sentence(kw, needle):
+    with pytest.raises(ConfigError) as e:
+        RunConfig(**kw).validate()
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg
+
+
+def test_config_roundtrip_and_cli():
+    import argparse
+
+    c = RunConfig(np=16, epochs=3, sync="allreduce", shuffle=True)
+    assert RunConfig.from_dict(c.to_dict()) == c
+    p = argparse.ArgumentParser()
+    RunConfig.add_arguments(p)
+    ns = p.parse_args(["--np", "16", "--epochs", "3", "--sync", "allreduce", "--shuffle", "--lr", "1e-3"])
+    c2 = RunConfig.from_args(ns)
+    assert (c2.np, c2.epochs, c2.sync, c2.shuffle, c2.lr, c2.batch_per_rank) == (16, 3, "allreduce", True, 1e-3, 12)
+    assert c2.science_key() != c.science_key()
+    assert c.replace(out="elsewhere", label="x").science_key() == c.science_key()
+    with pytest.raises(ConfigError):
+        RunConfig.from_dict({"nope": 1})
+
+
+def test_world_checks():
+    from labtools.train import check_world
+
+    assert check_world(RunConfig(), 2, 50_000) == 2
+    assert check_world(RunConfig(np=48), 2, 50_000) == 48
+    with pytest.raises(ConfigError, match="multiple"):
+        check_world(RunConfig(np=5), 2, 50_000)
+    with pytest.raises(ConfigError, match="larger than"):
+        check_world(RunConfig(np=64), 2, 50)
+
+
+# ------------------------------------------------------------------ data files
+
+def _fake_dir(tmp_path: Path, cifar_src: str | None = None) -> Path:
+    d = tmp_path / "cifar-10-batches-py"
+    d.mkdir()
+    for f in D.MD5:
+        if cifar_src:
+            shutil.copy(Path(cifar_src) / f, d / f)
+        else:
+            (d / f).write_bytes(b"junk")
+    return d
+
+
+def test_missing_data_is_one_clear_sentence(tmp_path, monkeypatch):
+    monkeypatch.delenv("CIFAR10_DIR", raising=False)
+    with pytest.raises(D.DataError) as e:
+        D.find_cifar_dir(tmp_path / "nowhere")
+    assert "lacks" in str(e.value) and str(tmp_path / "nowhere") in str(e.value)
+
+
+def test_altered_file_is_rejected(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    d = _fake_dir(tmp_path)
+    with pytest.raises(D.DataError, match="md5"):
+        D.verify(d)
+
+
+def test_real_data_verifies_and_truncation_is_caught(cifar_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert D.verify(cifar_dir) == Path(cifar_dir).resolve()
+    assert (tmp_path / "cache" / "labtools" / "verified.json").exists()  # remembered
+    d = _fake_dir(tmp_path, cifar_dir)
+    with open(d / "test_batch", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(D.DataError, match="truncated or altered"):
+        D.verify(d)
+
+
+def test_load_real_cifar(cifar_dir):
+    xtr, ytr, xte, yte = D.load_cifar10(cifar_dir)
+    assert xtr.shape == (50_000, 32, 32, 3) and xtr.dtype == np.uint8 and xte.shape == (10_000, 32, 32, 3)
+    assert list(ytr[:10]) == [6, 9, 9, 4, 1, 1, 2, 7, 8, 3]  # published first labels
+    assert list(yte[:10]) == [3, 8, 8, 0, 6, 6, 1, 6, 3, 1]
+    assert np.allclose(xtr.reshape(-1, 3).mean(0), D.CIFAR_RGB_MEAN, atol=0.01)
+
+
+# ------------------------------------------------------------------ model
+
+def test_model_shape_and_parameter_count():
+    from labtools.model import squeezenet_v1_1
+
+    m = squeezenet_v1_1()
+    assert m.count_params() == 727_626
+    assert [m.get_layer(n).output.shape[1] for n in ("conv1", "pool1", "pool3", "pool5")] == [15, 7, 3, 1]
+    out = m(np.zeros((3, 32, 32, 3), np.float32))
+    assert out.shape == (3, 10) and np.allclose(np.asarray(out).sum(1), 1, atol=1e-5)
+    assert squeezenet_v1_1(final_relu=False).count_params() == 727_626
+
+
+def test_keyed_dropout_mask_depends_only_on_key():
+    from labtools.model import KeyedDropout
+
+    layer = KeyedDropout(0.5)
+    x = np.ones((4, 1, 1, 512), np.float32)
+    keys = np.array([11, 22, 33, 44], np.int64)
+    full = np.asarray(layer([x, keys], training=True))
+    part = np.asarray(layer([x[2:], keys[2:]], training=True))
+    assert np.array_equal(full[2:], part)  # same key, same mask, whatever the batch
+    assert not np.array_equal(full[0], full[1])
+    assert 0.4 < (full > 0).mean() < 0.6 and set(np.unique(full)) <= {0.0, 2.0}
+    assert np.array_equal(np.asarray(layer([x, keys], training=False)), x)
+
+
+def test_environment_yml_matches_pyproject():
+    import re
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=;! \[]", d, maxsplit=1)[0].lower() for d in deps}
+    names = {"tensorflow" if n == "tensorflow-cpu" else n for n in names}
+    env = (root / "environment.yml").read_text().lower()
+    listed = set(re.findall(r"^\s*-\s*([a-z0-9_.\-]+)", env, re.M))
+    missing = {n for n in names if n not in listed}
+    assert not missing, f"environment.yml lacks {missing}"
