@@ -272,8 +272,20 @@ class Pool:
         self._watch_deaths()
         return self
 
-    def stop(self) -> None:
-        """Stop engines and controller; then kill whatever of this pool's cluster is left."""
+    def stop(self, kill: bool = False) -> None:
+        """Stop engines and controller, then kill whatever of this pool's cluster is left.
+
+        kill=True first kills the engines on this host: for busy or stuck engines, which ignore a
+        polite stop for seconds.
+        """
+        if kill:
+            here = socket.gethostname()
+            for r, pid in self.pids.items():
+                if self.hosts[r] == here:
+                    try:
+                        psutil.Process(pid).kill()
+                    except psutil.Error:
+                        pass
         cluster, client = self.cluster, self.client
         self.cluster = self.client = self.view = None
         self.ranks, self.hosts, self.pids, self._died_at = {}, {}, {}, {}
@@ -285,8 +297,9 @@ class Pool:
                 except Exception:
                     pass
             if cluster is not None:
-                try:
-                    cluster.stop_cluster_sync()
+                try:  # engines first: engines losing their controller take seconds to exit
+                    cluster.stop_engines_sync()
+                    cluster.stop_controller_sync()
                 except Exception as e:
                     print(f"labtools.cluster: stopping the cluster: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
@@ -298,8 +311,8 @@ class Pool:
                     pass
             psutil.wait_procs(left, timeout=5)
 
-    def restart(self) -> "Pool":
-        self.stop()
+    def restart(self, kill: bool = False) -> "Pool":
+        self.stop(kill)
         return self.start()
 
     def processes(self) -> list[psutil.Process]:
@@ -344,7 +357,7 @@ class Pool:
         except KeyboardInterrupt:
             print("Interrupted: stopping the pool (its engines may be waiting in an MPI collective); "
                   "pool.start() gives a fresh one.", file=sys.stderr)
-            self.stop()
+            self.stop(kill=True)
             raise
         if not stream:
             ar.display_outputs()
@@ -457,9 +470,9 @@ class Pool:
 
     def _reset(self, restart: bool) -> str:
         if restart:
-            self.restart()
+            self.restart(kill=True)
             return f"the pool was restarted with {self.n} fresh engines - run it again."
-        self.stop()
+        self.stop(kill=True)
         return "the pool was stopped - pool.start() starts a fresh one."
 
 

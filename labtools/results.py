@@ -68,7 +68,7 @@ def append_csv_row(path, row: dict, columns: list[str]) -> None:
 
 def run_dirs(root="results", experiment: str | None = None, completed: bool = True) -> list[Path]:
     base = Path(root) / experiment if experiment else Path(root)
-    pattern = "manifest.json" if experiment else "*/manifest.json"
+    pattern = "*/manifest.json" if experiment else "*/*/manifest.json"
     dirs = sorted(p.parent for p in base.glob(pattern))
     return [d for d in dirs if not completed or (d / "summary.json").exists()]
 

@@ -1,0 +1,26 @@
+# Two entry points (see README):  make main   and   make test
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+PROFILE ?= quick
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: main test venv train-np2
+
+venv: $(BIN)/.installed
+$(BIN)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q -U pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+# The main job: re-execute the notebooks with papermill and regenerate every table and figure.
+main: venv
+	$(BIN)/labtools reproduce --profile $(PROFILE)
+
+# The paper's np=2 protocol on real CIFAR-10 from the command line (about 5 minutes here).
+train-np2: venv
+	mpiexec -n 2 $(BIN)/labtools train --epochs 10 --experiment cli_np2
+
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

@@ -1,0 +1,248 @@
+"""The paper's Figures 4-12 from our tables, with the paper's values overlaid for comparison.
+
+Figures are built as matplotlib.figure.Figure objects, not through pyplot: they render with the Agg
+(PNG) and PDF backends whatever backend a notebook has selected, and they are never kept alive by
+pyplot's figure registry. One rcParams dict (STYLE) applies to all of them via style().
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import matplotlib
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+
+from . import paper, results, tables
+
+STYLE = {
+    "figure.figsize": (6.4, 4.8), "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
+    "font.size": 10, "axes.titlesize": 10.5, "axes.labelsize": 10, "legend.fontsize": 8,
+    "axes.grid": True, "grid.alpha": 0.3, "axes.spines.top": False, "axes.spines.right": False,
+    "lines.linewidth": 1.6, "lines.markersize": 6, "errorbar.capsize": 3,
+    "pdf.fonttype": 42,  # embed TrueType, so PDF text stays editable/searchable
+}
+OURS = "C0"
+PAPER = "0.35"  # grey: the reference, not a measurement of ours
+RUN_IDS_ATTR = "labtools_run_ids"  # figure attribute save_figure reads for the provenance sidecar
+
+
+@contextmanager
+def style():
+    with matplotlib.rc_context(STYLE):
+        yield
+
+
+def _new(ncols=1, width=None):
+    fig = Figure(figsize=(width or STYLE["figure.figsize"][0] * (1 if ncols == 1 else 0.85 * ncols),
+                          STYLE["figure.figsize"][1]), layout="constrained")
+    axes = fig.subplots(1, ncols, squeeze=False)[0]
+    return fig, axes
+
+
+def _tag(fig, df):
+    setattr(fig, RUN_IDS_ATTR, list(df.attrs.get("run_ids", [])))
+    return fig
+
+
+def _series(t2):
+    """(label suffix, rows, hollow) per series: cluster rows, then one series per logical process count P."""
+    cl = t2[t2["processes"] == t2["np"]]
+    out = [("", cl, False)] if len(cl) else []
+    for p, rows in t2[t2["processes"] != t2["np"]].groupby("processes"):
+        out.append((f", P={p}: logical ranks (P<N)", rows, True))
+    return out
+
+
+def _ours(ax, t2, col, timing, color=OURS):
+    """Our mean ± std per np; hollow dotted markers for logical-rank (P<N) rows, marked as not cluster time."""
+    std = f"{col}_std" if f"{col}_std" in t2.columns else None
+    mean = f"{col}_mean" if f"{col}_mean" in t2.columns else col
+    for suffix, rows, hollow in _series(t2):
+        n = f"n={rows['n_runs'].min()}" if rows["n_runs"].nunique() == 1 else \
+            f"n={rows['n_runs'].min()}-{rows['n_runs'].max()}"
+        label = f"this machine (mean ± std, {n}){suffix}" + (", not cluster time" if hollow and timing else "")
+        ax.errorbar(rows["np"], rows[mean], yerr=rows[std] if std else None, color=color, marker="o",
+                    ls=":" if hollow else "-", mfc="none" if hollow else color, label=label)
+
+
+def _paper(ax, col):
+    p = paper.table2()
+    ax.plot(p["np"], p[col], color=PAPER, marker="s", ls="--", mfc="white", label=paper.PAPER_LABEL)
+
+
+def _legend(ax, handles=None, labels=None):
+    """Below the axes: the labels are long and would otherwise sit on the data."""
+    args = (handles, labels) if handles is not None else ()
+    ax.legend(*args, loc="upper center", bbox_to_anchor=(0.5, -0.16), frameon=False)
+
+
+def _np_axis(ax, t2, with_paper):
+    nps = sorted(set(t2["np"]) | (set(paper.table2()["np"]) if with_paper else set()))
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_locator(FixedLocator(nps))
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xlabel("MPI processes np (logical ranks N)")
+
+
+def _vs_np(t2, col, paper_col, ylabel, title, timing, with_paper=True, logy=False):
+    with style():
+        fig, (ax,) = _new()
+        if with_paper:
+            _paper(ax, paper_col)
+        _ours(ax, t2, col, timing)
+        _np_axis(ax, t2, with_paper)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        _legend(ax)
+    return _tag(fig, t2), ax
+
+
+# ------------------------------------------------------------------ Figures 8-12 (and test accuracy)
+
+def fig_speedup(table2_df, with_paper=True):
+    """Figure 8: speedup S vs np, with the ideal S = np / base np."""
+    fig, ax = _vs_np(table2_df, "speedup", "speedup", "speedup S (T_base / T)",
+                     "Speedup vs MPI processes (Figure 8)", timing=True, with_paper=with_paper)
+    with style():
+        base = table2_df["base_np"].iloc[0]
+        xs = sorted(set(ax.xaxis.get_major_locator().locs))
+        ax.plot(xs, [x / base for x in xs], color="0.6", ls="-.", lw=1, label=f"ideal (np / {base})", zorder=0)
+        _legend(ax)
+    return fig
+
+
+def fig_efficiency(table2_df, with_paper=True):
+    """Figure 9: parallel efficiency E vs np, 100 % = ideal."""
+    fig, ax = _vs_np(table2_df, "efficiency_pct", "efficiency_pct", "efficiency E (%)",
+                     "Parallel efficiency vs MPI processes (Figure 9)", timing=True, with_paper=with_paper)
+    with style():
+        ax.axhline(100, color="0.6", ls="-.", lw=1, zorder=0, label="ideal (100 %)")
+        _legend(ax)
+    return fig
+
+
+def fig_train_accuracy(table2_df, with_paper=True):
+    """Figure 10: mean train accuracy (final epoch, mean over ranks) vs np."""
+    return _vs_np(table2_df, "mean_train_acc_pct", "mean_train_acc_pct", "mean train accuracy, final epoch (%)",
+                  "Train accuracy vs MPI processes (Figure 10)", timing=False, with_paper=with_paper)[0]
+
+
+def fig_total_time(table2_df, with_paper=True):
+    """Figure 11: total training wall time (slowest rank) vs np; log y, since the machines differ ~10x."""
+    return _vs_np(table2_df, "wall_s", "wall_s", "total training wall time, slowest rank (s, log scale)",
+                  "Total training time vs MPI processes (Figure 11)", timing=True, with_paper=with_paper, logy=True)[0]
+
+
+def fig_train_loss(table2_df, with_paper=True):
+    """Figure 12: mean train loss (final epoch, mean over ranks) vs np."""
+    return _vs_np(table2_df, "mean_train_loss", "mean_train_loss", "mean train loss, final epoch (cross-entropy)",
+                  "Train loss vs MPI processes (Figure 12)", timing=False, with_paper=with_paper)[0]
+
+
+def fig_test_accuracy(table2_df, with_paper=True):
+    """Final test accuracy vs np (Table 2's test column; the paper has no figure for it)."""
+    return _vs_np(table2_df, "test_acc_pct", "test_acc_pct", "test accuracy, final epoch (%)",
+                  "Test accuracy vs MPI processes", timing=False, with_paper=with_paper)[0]
+
+
+# ------------------------------------------------------------------ Figures 4-5 and 6-7
+
+def fig_batch_sweep(table1_df, with_paper=True):
+    """Figures 4-5: avg epoch time and global throughput vs batch/node.
+
+    Our values are on the left axis, the paper's (RPi 4) on a right axis of their own: absolute
+    levels differ by machine, so only the shapes (where the optimum lies) are comparable.
+    """
+    pt = paper.table1()
+    with style():
+        fig, axes = _new(2)
+        for ax, col, what in [(axes[0], "avg_epoch_s", "avg epoch time (s)"),
+                              (axes[1], "global_img_per_s", "global throughput (img/s)")]:
+            for (n, p), rows in table1_df.groupby(["world", "processes"]):
+                hollow = p < n
+                lab = f"this machine, N={n}, P={p} (mean ± std)" + \
+                      (": logical ranks (P<N), not cluster time" if hollow else "")
+                ax.errorbar(rows["batch_per_node"], rows[f"{col}_mean"], yerr=rows[f"{col}_std"], color=OURS,
+                            marker="o", ls=":" if hollow else "-", mfc="none" if hollow else OURS, label=lab)
+            ax.set_ylabel(f"this machine: {what}", color=OURS)
+            ax.tick_params(axis="y", colors=OURS)
+            handles, labels = ax.get_legend_handles_labels()
+            if with_paper:
+                tw = ax.twinx()
+                tw.spines["right"].set_visible(True)
+                tw.grid(False)
+                tw.plot(pt["batch_per_node"], pt[col], color=PAPER, marker="s", ls="--", mfc="white",
+                        label=paper.PAPER_LABEL)
+                tw.set_ylabel(f"{paper.PAPER_LABEL}: {what}", color=PAPER)
+                tw.tick_params(axis="y", colors=PAPER)
+                h2, l2 = tw.get_legend_handles_labels()
+                handles, labels = handles + h2, labels + l2
+            xs = sorted(set(table1_df["batch_per_node"]) | (set(pt["batch_per_node"]) if with_paper else set()))
+            ax.set_xticks(xs)
+            ax.set_xlabel("batch per node (images)")
+            ax.set_title(what[0].upper() + what[1:] + " vs batch size (Figures 4-5)")
+            _legend(ax, handles, labels)
+    return _tag(fig, table1_df)
+
+
+def fig_rank_epoch_log(rank_epochs_df, np, run_id=None):
+    """Figures 6-7: each rank's train loss and accuracy per epoch for one run (the paper shows console logs)."""
+    import matplotlib.cm as cm
+
+    ranks = sorted(rank_epochs_df["rank"].unique())
+    if len(ranks) != np:
+        raise ValueError(f"rank_epochs_df has {len(ranks)} ranks but np={np}: is it the right run?")
+    with style():
+        fig, axes = _new(2)
+        # viridis up to 0.85: its pale-yellow end is hard to see on white
+        colors = cm.viridis([0.85 * i / max(len(ranks) - 1, 1) for i in range(len(ranks))])
+        mean = rank_epochs_df.groupby("epoch")[["train_loss", "train_acc"]].mean()
+        for ax, col, ylabel, scale in [(axes[0], "train_loss", "train loss (cross-entropy)", 1),
+                                       (axes[1], "train_acc", "train accuracy (%)", 100)]:
+            for c, r in zip(colors, ranks):
+                d = rank_epochs_df[rank_epochs_df["rank"] == r].sort_values("epoch")
+                ax.plot(d["epoch"], d[col] * scale, color=c, lw=1, marker=".", label=f"rank {r}")
+            ax.plot(mean.index, mean[col] * scale, color="k", lw=2.2, label="mean over ranks")
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(ylabel)
+            ax.xaxis.set_major_locator(FixedLocator(sorted(rank_epochs_df["epoch"].unique())))
+            ax.set_title(f"Per-rank {ylabel.split(' (')[0]}, np = {np} (Figures 6-7)")
+            if len(ranks) <= 8:
+                ax.legend()
+            else:  # a 48-entry legend hides the data; colour runs rank 0 (dark) to N-1 (green)
+                ax.legend(handles=ax.lines[-1:], labels=[f"mean over ranks; colour: rank 0..{ranks[-1]}"])
+    setattr(fig, RUN_IDS_ATTR, [run_id] if run_id else [])
+    return fig
+
+
+# ------------------------------------------------------------------ writing
+
+def _atomic_savefig(fig, path: Path, fmt: str, **kw) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".{fmt}", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=fmt, **kw)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_figure(fig, out_dir, name, provenance: dict | None = None, run_ids=None) -> list[Path]:
+    """Write name.png, name.pdf and name.provenance.json (run ids default to those the figure came from)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    png, pdf = out_dir / f"{name}.png", out_dir / f"{name}.pdf"
+    with style():
+        _atomic_savefig(fig, png, "png")
+        _atomic_savefig(fig, pdf, "pdf", metadata={"CreationDate": None})  # no timestamp: same input, same bytes
+    run_ids = list(run_ids if run_ids is not None else getattr(fig, RUN_IDS_ATTR, []))
+    side = out_dir / f"{name}.provenance.json"
+    results.write_json(side, tables.provenance_block(provenance, run_ids, name, [png.name, pdf.name]))
+    return [png, pdf, side]

@@ -1,0 +1,94 @@
+"""What every notebook needs once: paths, profile parameters, a runner, loading, saving with provenance.
+
+Notebooks stay thin: a parameters cell, ``ctx = Context(profile, "02_strong_scaling", ...)``,
+a plan, ``ctx.ensure(plan)``, a table, figures, a generated sentence of interpretation.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import experiments, profiles, provenance, results
+from .config import RunConfig
+
+
+def project_root() -> Path:
+    cwd = Path.cwd()
+    return cwd.parent if cwd.name == "notebooks" else cwd
+
+
+class Context:
+    def __init__(self, profile: str, notebook: str, out_dir=None, results_root=None, runner: str = "pool"):
+        root = project_root()
+        self.profile, self.notebook, self.runner_kind = profile, notebook, runner
+        self.params = profiles.params(profile, notebook)
+        self.out_dir = Path(out_dir) if out_dir else root / "figures" / profile
+        self.results_root = Path(results_root) if results_root else root / "results"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.reduced = profile != "paper"
+
+    def experiment(self, name: str) -> str:
+        return f"{name}-{self.profile}"
+
+    def base_config(self, experiment: str, **kw) -> RunConfig:
+        """The paper's protocol with this profile's reductions and this notebook's results folder."""
+        p = self.params
+        base = dict(epochs=p.get("epochs", 10), limit_train=p.get("limit_train"), limit_test=p.get("limit_test"),
+                    out=str(self.results_root), experiment=self.experiment(experiment), label=self.profile)
+        base.update(kw)
+        return RunConfig(**base).validate()
+
+    def runner(self):
+        if self.runner_kind == "mpiexec":
+            return _Closing(experiments.MpiexecRunner())
+        return experiments.PoolRunner()
+
+    def ensure(self, plan, desc: str, rerun: bool = False):
+        """Run what the store lacks (each planned run once), return the runs as a DataFrame."""
+        with self.runner() as run:
+            dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun)
+        return self.load(dirs)
+
+    @staticmethod
+    def load(dirs):
+        import pandas as pd
+
+        keep = {str(d) for d in dirs}
+        roots = {Path(d).parent for d in dirs}
+        frames = [results.load_runs(r.parent, r.name) for r in roots]
+        df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return df[df.run_dir.isin(keep)].reset_index(drop=True) if len(df) else df
+
+    def provenance(self, **extra) -> dict:
+        return {"profile": self.profile, "reduced_protocol": self.reduced, "notebook": self.notebook,
+                "profile_params": self.params, **extra}
+
+    def save_table(self, df, name: str, **extra):
+        from .tables import save_table
+
+        return save_table(df, self.out_dir / "tables", name, provenance=self.provenance(**extra))
+
+    def save_figure(self, fig, name: str, **extra):
+        from .figures import save_figure
+
+        return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra))
+
+    def title_note(self) -> str:
+        return "" if not self.reduced else f" [profile '{self.profile}': reduced protocol]"
+
+
+class _Closing:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __enter__(self):
+        return self.fn
+
+    def __exit__(self, *exc):
+        return False
+
+
+def plan(cfgs_and_processes) -> list:
+    return [experiments.Planned(c, p) for c, p in cfgs_and_processes]
+
+
+__all__ = ["Context", "plan", "project_root", "provenance"]

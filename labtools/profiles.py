@@ -1,0 +1,57 @@
+"""Reproduction profiles: how much of the paper's protocol each notebook runs.
+
+- smoke: CI; a couple of minutes on a CIFAR-10 subset. Checks the machinery, not the science.
+- quick: the README's main job; real CIFAR-10, every table and figure from real runs, in well
+  under half an hour on a 2-core machine. Reduced (subset, fewer epochs): labelled as such.
+- paper: the exact protocol of §3.2-3.3 (full data, 10 epochs, batch 24/node, lr 5e-4).
+
+Each notebook's parameters cell names a profile; ``params(profile, notebook)`` gives the rest.
+"""
+from __future__ import annotations
+
+PAPER_NPS = [2, 4, 8, 16, 24, 32, 40, 48]
+PAPER_BATCHES = [8, 16, 24, 32]
+# Table 1's "fast sweep": avg epoch time / mean step = 200 steps per epoch at every batch size.
+SWEEP_STEPS = 200
+
+PROFILES = {
+    "smoke": {
+        "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=10, epochs=2, limit_test=200, repeats=1),
+        "02_strong_scaling": dict(nps=[2, 4], epochs=2, limit_train=480, limit_test=200, repeats=1, max_processes=2),
+        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_preprocess=["caffe", "unit"],
+                                   nps=[2, 4], syncs=["epoch-average", "allreduce"], seeds=[0], epochs=2,
+                                   limit_train=480, limit_test=200, max_processes=2),
+        "00_quickstart": dict(epochs=1, limit_train=480, limit_test=200),
+    },
+    "quick": {
+        "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=SWEEP_STEPS, epochs=2, limit_test=1000, repeats=1),
+        "02_strong_scaling": dict(nps=PAPER_NPS, epochs=3, limit_train=10_000, limit_test=2000, repeats=1, max_processes=2),
+        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0, 1], collapse_preprocess=["caffe", "unit"],
+                                   nps=[2, 8, 48], syncs=["epoch-average", "allreduce"], seeds=[0], epochs=3,
+                                   limit_train=10_000, limit_test=2000, max_processes=2),
+        "00_quickstart": dict(epochs=1, limit_train=2400, limit_test=1000),
+    },
+    "paper": {
+        "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=SWEEP_STEPS, epochs=3, limit_test=None, repeats=1),
+        "02_strong_scaling": dict(nps=PAPER_NPS, epochs=10, limit_train=None, limit_test=None, repeats=1, max_processes=16),
+        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0, 1, 2, 3, 4],
+                                   collapse_preprocess=["caffe", "unit", "standardize"], nps=PAPER_NPS,
+                                   syncs=["epoch-average", "local-sgd", "allreduce"], seeds=[0, 1, 2], epochs=10,
+                                   limit_train=None, limit_test=None, max_processes=2),
+        "00_quickstart": dict(epochs=1, limit_train=None, limit_test=None),
+    },
+}
+
+
+def params(profile: str, notebook: str) -> dict:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {', '.join(PROFILES)}")
+    return dict(PROFILES[profile][notebook])
+
+
+def processes_for(world: int, max_processes: int) -> int:
+    """Largest P <= max_processes that divides N: real ranks up to the limit, logical beyond."""
+    for p in range(min(world, max_processes), 0, -1):
+        if world % p == 0:
+            return p
+    return 1

@@ -1,0 +1,212 @@
+"""The paper's Tables 1 and 2, rebuilt from our raw run records (never from typed numbers).
+
+Inputs are what labtools.results loads: ``load_runs`` (one row per completed run) and, for Table 1,
+each run's ``load_rank_epochs``. Outputs are DataFrames with one row per configuration, the
+repeats (seeds) aggregated as mean and sample std, and ``df.attrs["run_ids"]`` naming every run
+used so save_table can record it.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from . import metrics, results
+from . import provenance as _prov
+
+TABLE1_METRICS = ["avg_epoch_s", "mean_step_s", "global_img_per_s", "peak_rss_mb", "cpu_pct"]
+TABLE2_METRICS = ["test_acc_pct", "test_loss", "mean_train_loss", "mean_train_acc_pct", "wall_s"]
+CLUSTER = "cluster (P=N)"
+LOGICAL = "logical ranks (P<N): not a cluster time"
+
+# Config fields that may differ between runs pooled in one table row set: they change neither what is
+# computed nor how fast (np and seed vary by design). Any other difference means mixed protocols.
+_FREE = {"np", "seed", "out", "experiment", "run_id", "label", "quiet", "cifar_dir", "eval_batch", "save_weights"}
+
+# Headers and decimals for the .md/.tex views (the .csv keeps raw names and full precision).
+LABELS = {
+    "np": "np (N)", "world": "N", "processes": "processes P", "epochs": "epochs",
+    "batch_per_node": "batch/node", "batch_per_rank": "batch/rank",
+    "avg_epoch_s": "avg epoch time (s)", "mean_step_s": "mean step (s)",
+    "global_img_per_s": "global throughput (img/s)", "peak_rss_mb": "peak RSS (MB)",
+    "cpu_pct": "avg process CPU (%)", "test_acc_pct": "test acc (%)", "test_loss": "test loss",
+    "mean_train_loss": "mean train loss", "mean_train_acc_pct": "mean train acc (%)",
+    "wall_s": "wall time, slowest rank (s)", "speedup": "speedup S", "efficiency_pct": "efficiency E (%)",
+    "base_np": "base np", "collapsed": "collapsed runs", "n_runs": "n runs", "wall_time_kind": "wall time kind",
+}
+DECIMALS = {"avg_epoch_s": 2, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
+            "test_acc_pct": 2, "test_loss": 4, "mean_train_loss": 4, "mean_train_acc_pct": 2, "wall_s": 2,
+            "speedup": 3, "efficiency_pct": 2}
+
+
+def _check_one_protocol(runs, vary=()):
+    """Refuse to pool runs whose settings differ beyond np/seed (and `vary`): the mean would mix protocols."""
+    if runs.empty:
+        raise ValueError("no completed runs given")
+    free = _FREE | set(vary)
+    cols = [c for c in runs.columns if c.startswith("cfg_") and c[4:] not in free]
+    mixed = [c for c in cols if runs[c].astype(str).nunique() > 1]  # astype(str): None/NaN/lists compare
+    if mixed:
+        raise ValueError(f"runs differ in {', '.join(mixed)}; filter runs_df to one protocol first")
+
+
+def load_rank_epochs_by_run(runs_df) -> dict:
+    """{run_id: that run's per-rank epoch rows}, the second input of table1_batch_sweep."""
+    return {r.run_id: results.load_rank_epochs(r.run_dir) for r in runs_df.itertuples()}
+
+
+def _run_timing(rk) -> dict:
+    """Table 1 quantities for one run from its per-rank epoch rows.
+
+    An epoch's wall time is that of its slowest process (as epochs.csv's epoch_wall_s), throughput
+    is all images over that wall time. (The paper's throughput equals batch/node over mean step,
+    which leaves out per-epoch overheads; ours is the stricter end-to-end figure.) RSS and CPU are
+    per process, and logical ranks in one process repeat them, so they count once per process.
+    """
+    per_epoch = rk.groupby("epoch").agg(samples=("samples", "sum"), wall=("process_epoch_s", "max"))
+    proc = rk.drop_duplicates(["process", "epoch"])
+    return {"avg_epoch_s": per_epoch["wall"].mean(), "mean_step_s": rk["mean_step_s"].mean(),
+            "global_img_per_s": (per_epoch["samples"] / per_epoch["wall"]).mean(),
+            "peak_rss_mb": proc["peak_rss_mb"].max(), "cpu_pct": proc["cpu_pct"].mean()}
+
+
+def table1_batch_sweep(runs_df, rank_epochs_by_run):
+    """Paper Table 1 from our runs: one row per batch/node (and world N, processes P), repeats aggregated.
+
+    rank_epochs_by_run maps run_id -> load_rank_epochs(run_dir) (see load_rank_epochs_by_run).
+    """
+    import pandas as pd
+
+    _check_one_protocol(runs_df, vary={"batch_per_node"})
+    rows = []
+    for r in runs_df.itertuples():
+        if r.run_id not in rank_epochs_by_run:
+            raise KeyError(f"no rank epochs for run {r.run_id}")
+        rows.append({"batch_per_node": r.cfg_batch_per_node, "batch_per_rank": r.cfg_batch_per_node // r.cfg_ranks_per_node,
+                     "world": r.world, "processes": r.processes, **_run_timing(rank_epochs_by_run[r.run_id])})
+    t = metrics.aggregate(pd.DataFrame(rows), ["batch_per_node", "batch_per_rank", "world", "processes"], TABLE1_METRICS)
+    t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    return t
+
+
+def table2_scaling(runs_df, base_np=2):
+    """Paper Table 2 from our runs: one row per (np, processes P), repeats aggregated, plus scaling.
+
+    Speedup and efficiency use mean wall times relative to base_np, taken from cluster rows (P=N)
+    when there are any; wall_time_kind marks rows timed with several logical ranks per process,
+    whose times are not what a cluster of N processes would take.
+    """
+    import numpy as np
+
+    _check_one_protocol(runs_df)
+    r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
+                       mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
+                       collapsed=runs_df["collapsed"].astype(bool))
+    keys = ["np", "processes"]
+    t = metrics.aggregate(r, keys, TABLE2_METRICS)
+    extra = r.groupby(keys).agg(epochs=("epochs", "first"), collapsed=("collapsed", "sum")).reset_index()
+    t = t.merge(extra, on=keys)
+    cluster = t["processes"] == t["np"]
+    t["wall_time_kind"] = np.where(cluster, CLUSTER, LOGICAL)
+    t = metrics.add_scaling(t, "wall_s_mean", "np", base_np, base_rows=cluster if cluster.any() else None)
+    # Spread of a ratio of independent means, first order: rel. std adds in quadrature. The base row
+    # is S = 1 by definition (std 0); NaN wherever either time has a single repeat.
+    base = (t["np"] == t["base_np"]) & (cluster if cluster.any() else True)
+    b = t[base].iloc[0]
+    rel = np.sqrt((b["wall_s_std"] / b["wall_s_mean"]) ** 2 + (t["wall_s_std"] / t["wall_s_mean"]) ** 2)
+    t["speedup_std"] = np.where(base, 0.0, t["speedup"] * rel)
+    t["efficiency_pct_std"] = np.where(base, 0.0, t["efficiency_pct"] * rel)
+    cols = (["np", "processes", "epochs"] + [f"{m}_{s}" for m in TABLE2_METRICS for s in ("mean", "std")]
+            + ["speedup", "speedup_std", "efficiency_pct", "efficiency_pct_std", "base_np", "collapsed", "n_runs",
+               "wall_time_kind"])
+    t = t[cols].sort_values(keys).reset_index(drop=True)
+    t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    return t
+
+
+# ------------------------------------------------------------------ writing
+
+def _fmt(x, decimals=None) -> str:
+    if isinstance(x, float):
+        if math.isnan(x):
+            return ""
+        return f"{x:.{decimals}f}" if decimals is not None else f"{x:.4g}"
+    return str(x)
+
+
+def display_frame(df):
+    """Human view: each <m>_mean/<m>_std pair becomes one 'mean ± std' column (mean alone for one repeat)."""
+    import pandas as pd
+
+    out = {}
+    for c in df.columns:
+        if c.endswith("_std") and (c[:-4] + "_mean" in df.columns or c[:-4] in df.columns):
+            continue  # printed with its mean
+        base = c[:-5] if c.endswith("_mean") else c
+        d = DECIMALS.get(base)
+        std_col = base + "_std"
+        if std_col in df.columns:
+            out[LABELS.get(base, base)] = [
+                _fmt(m, d) + ("" if isinstance(s, float) and math.isnan(s) else f" ± {_fmt(s, d)}")
+                for m, s in zip(df[c], df[std_col])]
+        else:
+            out[LABELS.get(base, base)] = [_fmt(v, d) for v in df[c]]
+    return pd.DataFrame(out)
+
+
+def _markdown(df) -> str:
+    """Fallback for DataFrame.to_markdown, which needs the optional 'tabulate' package."""
+    cell = lambda v: str(v).replace("|", r"\|")
+    lines = ["| " + " | ".join(cell(c) for c in df.columns) + " |", "|" + "---|" * len(df.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in df.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+_TEX = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+        "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\^{}"}
+
+
+def _tex_escape(s) -> str:
+    return "".join(_TEX.get(ch, ch) for ch in str(s))  # one pass, so replacements are never re-escaped
+
+
+def _latex(df) -> str:
+    """Fallback for DataFrame.to_latex, which needs the optional 'jinja2' package."""
+    lines = [r"\begin{tabular}{" + "l" * len(df.columns) + "}", r"\toprule",
+             " & ".join(_tex_escape(c) for c in df.columns) + r" \\", r"\midrule"]
+    lines += [" & ".join(_tex_escape(v) for v in row) + r" \\" for row in df.itertuples(index=False)]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def save_table(df, out_dir, name, provenance: dict | None = None, run_ids=None) -> list[Path]:
+    """Write name.csv (raw), name.md and name.tex (mean ± std view) and name.provenance.json; return paths.
+
+    run_ids defaults to df.attrs["run_ids"] (set by the table builders), so the sidecar says which
+    run records every number came from.
+    """
+    out_dir = Path(out_dir)
+    view = display_frame(df)
+    try:
+        md = view.to_markdown(index=False)
+    except ImportError:
+        md = _markdown(view)
+    try:
+        tex = view.to_latex(index=False, escape=True)
+    except ImportError:
+        tex = _latex(view)
+    # '±' and '<' are not safe in every LaTeX text font encoding; math mode is.
+    tex = tex.replace("±", r"$\pm$").replace("<", r"$<$")
+    paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex"}
+    results.atomic_write_text(paths["csv"], df.to_csv(index=False))
+    results.atomic_write_text(paths["md"], md + "\n")
+    results.atomic_write_text(paths["tex"], tex)
+    run_ids = list(run_ids if run_ids is not None else df.attrs.get("run_ids", []))
+    side = out_dir / f"{name}.provenance.json"
+    results.write_json(side, provenance_block(provenance, run_ids, name, [p.name for p in paths.values()]))
+    return [*paths.values(), side]
+
+
+def provenance_block(extra: dict | None, run_ids, name, files) -> dict:
+    """sidecar() facts plus the caller's fields, the run ids used and the files described."""
+    return _prov.sidecar(**{**(extra or {}), "name": name, "files": files, "run_ids": list(run_ids),
+                                 "n_runs": len(run_ids)})

@@ -1,0 +1,212 @@
+"""Scaling arithmetic against the paper's own Table 2, and tables/figures rebuilt from a fake run store."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from labtools import figures, metrics, paper, results, tables
+from labtools.config import RunConfig
+
+
+# ------------------------------------------------------------------ (a) the paper's arithmetic
+
+def test_paper_table2_speedup_efficiency_recomputed():
+    p = paper.table2()
+    s = p.assign(t=p["wall_s"])
+    got = metrics.add_scaling(s, "t", "np", base_np=2)
+    # Speedups are printed with ~10 significant digits: they must agree to 1e-6.
+    assert np.allclose(got["speedup"], p["speedup"], rtol=1e-6, atol=0)
+    # Efficiencies are printed with 2 decimals: agreement up to rounding (0.005 pp).
+    assert (got["efficiency_pct"] - p["efficiency_pct"]).abs().max() <= 0.005 + 1e-9
+    assert (got["base_np"] == 2).all()
+    assert metrics.speedup(5003.0, 432.11) == pytest.approx(11.5780704, rel=1e-8)
+    assert metrics.efficiency(2.0, 8, 2) == pytest.approx(50.0)
+
+
+def test_paper_table1_throughput_is_batch_over_step():
+    # Documents what the paper's throughput means: images per node over the mean step time.
+    p = paper.table1()
+    assert np.allclose(p["batch_per_node"] / p["mean_step_s"], p["global_img_per_s"], rtol=2e-3)
+
+
+def test_add_scaling_falls_back_to_smallest_np():
+    df = pd.DataFrame({"np": [4, 8], "t": [100.0, 60.0]})
+    got = metrics.add_scaling(df, "t", "np", base_np=2)
+    assert (got["base_np"] == 4).all()
+    assert got["speedup"].tolist() == pytest.approx([1.0, 100 / 60])
+    assert got["efficiency_pct"].tolist() == pytest.approx([100.0, 100 / 60 / 2 * 100])
+
+
+# ------------------------------------------------------------------ (c) aggregation
+
+def test_aggregate_single_repeat_std_is_nan():
+    df = pd.DataFrame({"g": [1, 2, 2], "x": [5.0, 1.0, 3.0]})
+    a = metrics.aggregate(df, "g", ["x"]).set_index("g")
+    assert math.isnan(a.loc[1, "x_std"]) and a.loc[1, "n_runs"] == 1 and a.loc[1, "x_mean"] == 5.0
+    assert a.loc[2, "x_std"] == pytest.approx(np.std([1.0, 3.0], ddof=1))
+    assert list(a.columns) == ["x_mean", "x_std", "n_runs"]
+
+
+# ------------------------------------------------------------------ (b) a fake results store
+
+def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, sync="epoch-average"):
+    """A completed run record, written with labtools.results' own writers; values depend on (world, seed)."""
+    cfg = RunConfig(np=world, batch_per_node=batch, epochs=epochs, seed=seed, sync=sync, experiment=experiment,
+                    out=str(root))
+    run_id = f"np{world}-p{processes}-b{batch}-s{seed}"
+    d = root / experiment / run_id
+    rng = np.random.default_rng(1000 * world + 10 * processes + seed + batch)
+    k = world // processes
+    rank_rows, epoch_rows = [], []
+    for e in range(1, epochs + 1):
+        pwall = {p: 10.0 + rng.uniform(0, 2) for p in range(processes)}
+        for r in range(world):
+            p = r // k
+            rank_rows.append({"rank": r, "epoch": e, "train_loss": 2.3 - 0.1 * e + rng.uniform(0, .05),
+                              "train_acc": 0.1 + 0.05 * e + rng.uniform(0, .02), "samples": 1000 // world,
+                              "epoch_s": pwall[p] / k, "mean_step_s": 0.01 * batch + rng.uniform(0, 1e-3),
+                              "img_per_s": 50.0, "grad_norm": 1.0, "peak_rss_mb": 600 + 10 * p + rng.uniform(0, 5),
+                              "cpu_pct": 100 + rng.uniform(0, 10),
+                              "process": p, "process_epoch_s": pwall[p]})
+        # logical ranks of one process share its RSS/CPU: copy the process's first rank's values
+        for row in rank_rows[-world:]:
+            first = rank_rows[-world + row["process"] * k]
+            row["cpu_pct"], row["peak_rss_mb"] = first["cpu_pct"], first["peak_rss_mb"]
+        epoch_rows.append({"epoch": e, "test_loss": 2.0 - 0.1 * e, "test_acc": 0.2 + 0.05 * e,
+                           "mean_train_loss": 1.0, "mean_train_acc": 0.5, "epoch_wall_s": max(pwall.values())})
+    summary = {"world": world, "processes": processes, "epochs": epochs, "sync": sync, "seed": seed,
+               "batch_per_node": batch, "batch_per_rank": batch // 2,
+               "test_acc": float(rng.uniform(0.3, 0.6)), "test_loss": float(rng.uniform(1, 2)),
+               "mean_train_loss": float(rng.uniform(1, 2)), "mean_train_acc": float(rng.uniform(0.3, 0.6)),
+               "global_wall_s": float(1000 / world + rng.uniform(0, 30)), "cluster_wall_time": world == processes,
+               "collapsed": bool(world >= 8 and seed == 0), "dead_conv10_frac": 0.1,
+               "mean_epoch_s": float(np.mean([x["epoch_wall_s"] for x in epoch_rows]))}
+    results.write_json(d / "manifest.json", {
+        "config": cfg.to_dict(), "world": world, "processes": processes, "cluster_wall_time": world == processes,
+        "science_key": cfg.science_key(), "git_commit": "0" * 40, "status": "completed"})
+    results.write_csv(d / "epochs.csv", epoch_rows)
+    for r in range(world):
+        results.write_csv(d / "ranks" / f"rank_{r:03d}.csv", [x for x in rank_rows if x["rank"] == r])
+    results.write_json(d / "summary.json", summary)
+    return d
+
+
+SCALING = [(2, 2, (0, 1, 2)), (4, 4, (0, 1, 2)), (8, 2, (0, 1)), (16, 2, (0,))]
+
+
+@pytest.fixture
+def store(tmp_path):
+    root = tmp_path / "results"
+    for world, procs, seeds in SCALING:
+        for s in seeds:
+            _write_run(root, "scaling", world, procs, s)
+    for b in (8, 16, 24):
+        for s in (0, 1):
+            _write_run(root, "batch", 2, 2, s, batch=b)
+    _write_run(root, "batch", 4, 2, 0, batch=8)  # 2 logical ranks per process
+    return root
+
+
+def test_table2_equals_direct_computation(store):
+    runs = results.load_runs(store, "scaling")
+    t = tables.table2_scaling(runs, base_np=2)
+    assert list(zip(t["np"], t["processes"])) == [(w, p) for w, p, _ in SCALING]
+    assert sorted(t.attrs["run_ids"]) == sorted(runs["run_id"])
+    walls = {}
+    for row in t.itertuples():
+        # recompute straight from the summary.json files of that (np, P)
+        sums = [json.loads((d / "summary.json").read_text()) for d in (store / "scaling").iterdir()
+                if d.name.startswith(f"np{row.np}-p{row.processes}-")]
+        assert row.n_runs == len(sums)
+        for col, key, scale in [("test_acc_pct", "test_acc", 100), ("test_loss", "test_loss", 1),
+                                ("mean_train_loss", "mean_train_loss", 1),
+                                ("mean_train_acc_pct", "mean_train_acc", 100), ("wall_s", "global_wall_s", 1)]:
+            v = np.array([s[key] * scale for s in sums])
+            assert getattr(row, f"{col}_mean") == pytest.approx(v.mean(), rel=1e-12)
+            std = getattr(row, f"{col}_std")
+            if len(v) == 1:
+                assert math.isnan(std)
+            else:
+                assert std == pytest.approx(v.std(ddof=1), rel=1e-12)
+        assert row.collapsed == sum(s["collapsed"] for s in sums)
+        assert row.epochs == 3
+        assert row.wall_time_kind == (tables.CLUSTER if row.np == row.processes else tables.LOGICAL)
+        walls[row.np] = np.mean([s["global_wall_s"] for s in sums])
+    for row in t.itertuples():
+        assert row.speedup == pytest.approx(walls[2] / walls[row.np])
+        assert row.efficiency_pct == pytest.approx(walls[2] / walls[row.np] / (row.np / 2) * 100)
+        assert row.base_np == 2
+    assert t.loc[t["np"] == 2, "speedup_std"].iloc[0] == 0.0
+    assert math.isnan(t.loc[t["np"] == 16, "speedup_std"].iloc[0])  # one repeat: no spread claimed
+
+
+def test_table_refuses_mixed_protocols(store):
+    _write_run(store, "scaling", 4, 4, 7, sync="allreduce")
+    with pytest.raises(ValueError, match="cfg_sync"):
+        tables.table2_scaling(results.load_runs(store, "scaling"))
+
+
+def test_table1_equals_direct_computation(store):
+    runs = results.load_runs(store, "batch")
+    t = tables.table1_batch_sweep(runs, tables.load_rank_epochs_by_run(runs))
+    assert list(zip(t["batch_per_node"], t["world"], t["processes"])) == [(8, 2, 2), (8, 4, 2), (16, 2, 2), (24, 2, 2)]
+    assert t["batch_per_rank"].tolist() == [4, 4, 8, 12]
+    for row in t.itertuples():
+        per_run = []
+        for r in runs[(runs["cfg_batch_per_node"] == row.batch_per_node) & (runs["world"] == row.world)].itertuples():
+            rk = results.load_rank_epochs(r.run_dir)
+            ep = results.load_epochs(r.run_dir)
+            proc = rk  # equal ranks per process, so the mean over rank rows is the mean over processes
+            per_run.append({"avg_epoch_s": ep["epoch_wall_s"].mean(), "mean_step_s": rk["mean_step_s"].mean(),
+                            "global_img_per_s": (rk.groupby("epoch")["samples"].sum() / ep.set_index("epoch")["epoch_wall_s"]).mean(),
+                            "peak_rss_mb": proc["peak_rss_mb"].max(), "cpu_pct": proc["cpu_pct"].mean()})
+        direct = pd.DataFrame(per_run)
+        assert row.n_runs == len(direct)
+        for col in tables.TABLE1_METRICS:
+            assert getattr(row, f"{col}_mean") == pytest.approx(direct[col].mean(), rel=1e-9), col
+        assert row.avg_epoch_s_mean == pytest.approx(runs[(runs["cfg_batch_per_node"] == row.batch_per_node)
+                                                          & (runs["world"] == row.world)]["mean_epoch_s"].mean())
+
+
+def test_save_table_and_figures_write_all_files(store, tmp_path):
+    runs = results.load_runs(store, "scaling")
+    t2 = tables.table2_scaling(runs)
+    out = tmp_path / "out"
+    paths = tables.save_table(t2, out, "table2", {"experiment": "scaling"})
+    assert sorted(p.name for p in paths) == sorted(
+        ["table2.csv", "table2.md", "table2.tex", "table2.provenance.json"])
+    assert all(p.stat().st_size > 0 for p in paths)
+    back = pd.read_csv(out / "table2.csv")
+    assert back["wall_s_mean"].tolist() == pytest.approx(t2["wall_s_mean"].tolist())
+    md, tex = (out / "table2.md").read_text(), (out / "table2.tex").read_text()
+    assert "±" in md and "test acc (%)" in md and r"\pm" in tex and r"\begin{tabular}" in tex
+    side = json.loads((out / "table2.provenance.json").read_text())
+    assert side["run_ids"] == sorted(runs["run_id"]) and side["experiment"] == "scaling"
+    assert {"git_commit", "versions", "host", "date_utc"} <= set(side)
+    # the dependency-free renderers used when tabulate/jinja2 are missing
+    view = tables.display_frame(t2)
+    assert tables._markdown(view).count("\n") == len(view) + 1
+    assert tables._latex(view).count(r" \\") == len(view) + 1
+
+    brun = results.load_runs(store, "batch")
+    t1 = tables.table1_batch_sweep(brun, tables.load_rank_epochs_by_run(brun))
+    tables.save_table(t1, out, "table1", {})
+    one = brun[brun["world"] == 2].iloc[0]
+    figs = {"fig_batch_sweep": figures.fig_batch_sweep(t1),
+            "fig_rank_epoch_log": figures.fig_rank_epoch_log(results.load_rank_epochs(one.run_dir), 2, one.run_id),
+            **{f: getattr(figures, f)(t2) for f in ("fig_speedup", "fig_efficiency", "fig_train_accuracy",
+                                                       "fig_total_time", "fig_train_loss", "fig_test_accuracy")}}
+    for name, fig in figs.items():
+        paths = figures.save_figure(fig, out / "fig", name, {"table": "table2"})
+        assert [p.name for p in paths] == [f"{name}.png", f"{name}.pdf", f"{name}.provenance.json"]
+        assert paths[0].read_bytes()[:4] == b"\x89PNG" and paths[1].read_bytes()[:4] == b"%PDF"
+        side = json.loads(paths[2].read_text())
+        assert side["run_ids"] and side["table"] == "table2"
+    labels = [t.get_text() for t in figs["fig_total_time"].axes[0].get_legend().get_texts()]
+    assert paper.PAPER_LABEL in labels
+    assert any("logical ranks (P<N)" in s and "not cluster time" in s for s in labels)
+    assert not any(".tmp" in p.name or p.name.startswith(".") for p in (out / "fig").iterdir())

@@ -1,0 +1,79 @@
+"""papermill executes every notebook with the smoke profile on real CIFAR-10; the tables it writes
+must equal what the raw run records give when recomputed here."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from labtools import results, tables
+from labtools.reproduce import NOTEBOOKS, reproduce
+
+pytestmark = [pytest.mark.notebook, pytest.mark.mpi, pytest.mark.slow]
+
+
+@pytest.fixture(scope="module")
+def smoke(cifar_dir, tmp_path_factory):
+    base = tmp_path_factory.mktemp("repro")
+    reproduce(profile="smoke", out=str(base / "figures"), results_root=str(base / "results"))
+    return base
+
+
+def test_every_notebook_executed(smoke):
+    for n in NOTEBOOKS:
+        nb = json.loads((smoke / "figures" / "smoke" / "executed" / f"{n}.ipynb").read_text())
+        errors = [o for c in nb["cells"] for o in c.get("outputs", []) if o.get("output_type") == "error"]
+        assert not errors, (n, errors)
+
+
+EXPECTED_TABLES = ["table1_batch_sweep", "table2_strong_scaling", "table_collapse_frequency", "table_sync_strategies"]
+EXPECTED_FIGURES = ["quickstart_rank_log", "fig04_05_batch_sweep", "fig06_rank_log_np2", "fig07_rank_log_np4",
+                    "fig08_speedup", "fig09_efficiency", "fig10_train_accuracy", "fig11_total_time",
+                    "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np"]
+
+
+def test_tables_and_figures_exist_with_provenance(smoke):
+    out = smoke / "figures" / "smoke"
+    for t in EXPECTED_TABLES:
+        for ext in ("csv", "md", "tex", "provenance.json"):
+            assert (out / "tables" / f"{t}.{ext}").is_file(), (t, ext)
+        prov = json.loads((out / "tables" / f"{t}.provenance.json").read_text())
+        assert prov["profile"] == "smoke" and prov["run_ids"] and "versions" in prov and prov["date_utc"]
+    for f in EXPECTED_FIGURES:
+        for ext in ("png", "pdf", "provenance.json"):
+            assert (out / "figures" / f"{f}.{ext}").is_file(), (f, ext)
+
+
+def test_table2_equals_raw_records(smoke):
+    t = pd.read_csv(smoke / "figures" / "smoke" / "tables" / "table2_strong_scaling.csv")
+    runs = results.load_runs(smoke / "results", "scaling-smoke")
+    assert sorted(t.np) == sorted(runs.world.unique())
+    for row in t.itertuples():
+        sel = runs[(runs.world == row.np) & (runs.processes == row.processes)]
+        assert row.test_acc_pct_mean == pytest.approx(100 * sel.test_acc.mean())
+        assert row.wall_s_mean == pytest.approx(sel.global_wall_s.mean())
+        assert row.mean_train_loss_mean == pytest.approx(sel.mean_train_loss.mean())
+        # each summary's numbers are themselves those of the run's epochs.csv
+        for r in sel.itertuples():
+            ep = results.load_epochs(r.run_dir)
+            assert ep.test_acc.iloc[-1] == pytest.approx(r.test_acc)
+
+
+def test_table1_equals_raw_records(smoke):
+    t = pd.read_csv(smoke / "figures" / "smoke" / "tables" / "table1_batch_sweep.csv")
+    runs = results.load_runs(smoke / "results", "batch-sweep-smoke")
+    assert sorted(t.batch_per_node) == [8, 16, 24, 32]
+    for row in t.itertuples():
+        sel = runs[runs.cfg_batch_per_node == row.batch_per_node]
+        rk = pd.concat([results.load_rank_epochs(d) for d in sel.run_dir])
+        assert row.peak_rss_mb_mean == pytest.approx(rk.peak_rss_mb.max())
+        assert row.mean_step_s_mean == pytest.approx(rk.mean_step_s.mean())
+
+
+def test_rerun_reuses_the_store(smoke):
+    before = len(results.run_dirs(smoke / "results"))
+    reproduce(profile="smoke", notebooks=["02_strong_scaling"], out=str(smoke / "figures"),
+              results_root=str(smoke / "results"))
+    assert len(results.run_dirs(smoke / "results")) == before
