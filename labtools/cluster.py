@@ -52,12 +52,13 @@ environment at the same path (the engines run ``sys.executable``) and CIFAR-10 a
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
+import select
 import shlex
 import shutil
 import socket
-import select
 import subprocess
 import sys
 import threading
@@ -179,7 +180,7 @@ class Pool:
     """n ipyparallel engines forming one MPI job; a context manager (start on enter, stop on exit).
 
     ``ranks``: {engine id: MPI rank}; ``hosts``, ``pids``: {rank: host name / process id};
-    ``view``: DirectView on all engines ordered by rank; ``last_results``: the last run's
+    ``view``: blocking DirectView on all engines ordered by rank; ``last_results``: the last run's
     per-rank results ordered by rank.
     """
 
@@ -221,7 +222,8 @@ class Pool:
         from traitlets.config import Config
 
         prof, c = self.profile, Config()
-        env = {**{k: str(v) for k, v in prof.get("env", {}).items()},
+        env = {"TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2"),  # quieter live output
+               **{k: str(v) for k, v in prof.get("env", {}).items()},
                "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
         launcher = prof.get("launcher", "mpi")
         if launcher == "mpi":
@@ -241,7 +243,10 @@ class Pool:
         if prof.get("hosts") or prof.get("machinefile") or launcher == "slurm":
             kw = {"controller_ip": prof.get("controller_ip", "*"),
                   "controller_location": prof.get("controller_location", socket.gethostname())}
-        return ipp.Cluster(engines=launcher, n=self.n, config=c, engine_timeout=int(self.start_timeout), **kw)
+        log = logging.getLogger("labtools.cluster.ipyparallel")
+        log.setLevel(logging.ERROR)  # not ipyparallel's per-stop engine log dumps: our errors say what matters
+        return ipp.Cluster(engines=launcher, n=self.n, config=c, engine_timeout=int(self.start_timeout),
+                           log=log, **kw)
 
     def start(self) -> "Pool":
         """Start the controller and n MPI engines, connect, and map engine ids to MPI ranks."""
@@ -269,6 +274,7 @@ class Pool:
         self.hosts = {r: h for r, _, h, _ in info}
         self.pids = {r: pid for r, _, _, pid in info}
         self.view = self.client[sorted(ids, key=self.ranks.get)]
+        self.view.block = True  # as Cluster.start_and_connect(activate=True): %%px waits and shows output
         self._watch_deaths()
         return self
 
@@ -278,14 +284,12 @@ class Pool:
         kill=True first kills the engines on this host: for busy or stuck engines, which ignore a
         polite stop for seconds.
         """
-        if kill:
-            here = socket.gethostname()
-            for r, pid in self.pids.items():
-                if self.hosts[r] == here:
-                    try:
-                        psutil.Process(pid).kill()
-                    except psutil.Error:
-                        pass
+        for p in self.processes() if kill else ():
+            if p.pid in self.pids.values():
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
         cluster, client = self.cluster, self.client
         self.cluster = self.client = self.view = None
         self.ranks, self.hosts, self.pids, self._died_at = {}, {}, {}, {}
@@ -296,10 +300,10 @@ class Pool:
                     client.close(linger=0)
                 except Exception:
                     pass
-            if cluster is not None:
-                try:  # engines first: engines losing their controller take seconds to exit
-                    cluster.stop_engines_sync()
-                    cluster.stop_controller_sync()
+            # engines first: engines that lose their controller take seconds to exit
+            for step in (cluster.stop_engines_sync, cluster.stop_controller_sync) if cluster else ():
+                try:
+                    step()
                 except Exception as e:
                     print(f"labtools.cluster: stopping the cluster: {type(e).__name__}: {e}", file=sys.stderr)
         finally:
@@ -433,11 +437,15 @@ class Pool:
         return any(self.hosts[r] == here and not psutil.pid_exists(pid) for r, pid in self.pids.items())
 
     def _engine_log(self) -> str:
+        """What mpiexec and the engines wrote (ipyparallel deletes the file once it noticed the exit)."""
         es = self.cluster.engine_set if self.cluster else None
         try:
-            return Path(es.output_file).read_text(errors="replace") if es is not None else ""
+            return Path(es.output_file).read_text(errors="replace")
         except (OSError, AttributeError, TypeError):
-            return ""
+            try:
+                return es.get_output() or ""
+            except Exception:
+                return ""
 
     def _engine_died(self, restart: bool):
         """Name the dead engine, stop (and maybe restart) the pool, raise EngineDied."""

@@ -97,7 +97,7 @@ class MpiexecRunner:
                                + "".join(tail[-15:]))
         runs = completed_runs(cfg, processes)
         newest = max(runs, key=lambda d: (d / "summary.json").stat().st_mtime)
-        return json.loads((newest / "summary.json").read_text())
+        return {**json.loads((newest / "summary.json").read_text()), "run_dir": str(newest)}
 
 
 class PoolRunner:

@@ -246,3 +246,70 @@ def save_figure(fig, out_dir, name, provenance: dict | None = None, run_ids=None
     side = out_dir / f"{name}.provenance.json"
     results.write_json(side, tables.provenance_block(provenance, run_ids, name, [png.name, pdf.name]))
     return [png, pdf, side]
+
+
+# ------------------------------------------------------------------ sync strategies (notebook 03)
+
+def fig_strategy_accuracy(strategy_df, with_paper=True):
+    """Test accuracy vs np for each sync strategy (mean ± std over seeds), the paper overlaid."""
+    with style():
+        fig, (ax,) = _new()
+        if with_paper:
+            _paper(ax, "test_acc_pct")
+        for i, (sync, rows) in enumerate(strategy_df.groupby("sync")):
+            n = rows["n_runs"].max()
+            ax.errorbar(rows["np"], rows["test_acc_pct_mean"], yerr=rows["test_acc_pct_std"], marker="o",
+                        color=f"C{i}", label=f"{sync} (this machine, mean ± std, n≤{n})")
+        ax.axhline(10, color="0.6", lw=0.8, ls=":")
+        _np_axis(ax, strategy_df, with_paper)
+        ax.set_ylabel("test accuracy after the last epoch (%)")
+        ax.set_title("Test accuracy vs np by sync strategy")
+        _legend(ax)
+    return _tag(fig, strategy_df)
+
+
+def _curves(curves):
+    """{run_id: (sync, epochs_df)} -> {sync: [epochs_df, ...]}"""
+    by = {}
+    for _, (sync, ep) in sorted(curves.items()):
+        by.setdefault(sync, []).append(ep)
+    return by
+
+
+def fig_accuracy_vs_epoch(curves, np_):
+    """Test accuracy after each epoch at one np, one line per run, coloured by strategy."""
+    with style():
+        fig, (ax,) = _new()
+        for i, (sync, eps) in enumerate(_curves(curves).items()):
+            for j, ep in enumerate(eps):
+                ax.plot(ep["epoch"], 100 * ep["test_acc"], marker="o", color=f"C{i}", alpha=0.85,
+                        label=sync if j == 0 else None)
+        ax.axhline(10, color="0.6", lw=0.8, ls=":", label="chance (10%)")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"Test accuracy per epoch at np = {np_} (one line per seed)")
+        _legend(ax)
+    setattr(fig, RUN_IDS_ATTR, sorted(curves))
+    return fig
+
+
+def fig_diagnostics(curves, np_):
+    """Why runs collapse or not: dead conv10 channels, weight divergence before averaging, gradient norm."""
+    cols = [("dead_conv10_frac", "dead conv10 channels (fraction)"),
+            ("weight_divergence", "rank weight divergence before averaging\n(mean ‖w_r − w̄‖ / ‖w̄‖)"),
+            ("grad_norm", "mean gradient norm")]
+    with style():
+        fig, axes = _new(ncols=3, width=13)
+        for i, (sync, eps) in enumerate(_curves(curves).items()):
+            for j, ep in enumerate(eps):
+                for ax, (c, _) in zip(axes, cols):
+                    if c in ep:
+                        ax.plot(ep["epoch"], ep[c], marker="o", color=f"C{i}", alpha=0.85,
+                                label=sync if j == 0 else None)
+        for ax, (_, label) in zip(axes, cols):
+            ax.set_xlabel("epoch")
+            ax.set_ylabel(label)
+        axes[0].set_title(f"Diagnostics at np = {np_}")
+        _legend(axes[1])
+    setattr(fig, RUN_IDS_ATTR, sorted(curves))
+    return fig

@@ -62,15 +62,15 @@ class Context:
         return {"profile": self.profile, "reduced_protocol": self.reduced, "notebook": self.notebook,
                 "profile_params": self.params, **extra}
 
-    def save_table(self, df, name: str, **extra):
+    def save_table(self, df, name: str, run_ids=None, **extra):
         from .tables import save_table
 
-        return save_table(df, self.out_dir / "tables", name, provenance=self.provenance(**extra))
+        return save_table(df, self.out_dir / "tables", name, provenance=self.provenance(**extra), run_ids=run_ids)
 
-    def save_figure(self, fig, name: str, **extra):
+    def save_figure(self, fig, name: str, run_ids=None, **extra):
         from .figures import save_figure
 
-        return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra))
+        return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra), run_ids=run_ids)
 
     def title_note(self) -> str:
         return "" if not self.reduced else f" [profile '{self.profile}': reduced protocol]"

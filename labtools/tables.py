@@ -76,7 +76,7 @@ def table1_batch_sweep(runs_df, rank_epochs_by_run):
     """
     import pandas as pd
 
-    _check_one_protocol(runs_df, vary={"batch_per_node"})
+    _check_one_protocol(runs_df, vary={"batch_per_node", "limit_train"})  # fixed steps per epoch
     rows = []
     for r in runs_df.itertuples():
         if r.run_id not in rank_epochs_by_run:
@@ -210,3 +210,19 @@ def provenance_block(extra: dict | None, run_ids, name, files) -> dict:
     """sidecar() facts plus the caller's fields, the run ids used and the files described."""
     return _prov.sidecar(**{**(extra or {}), "name": name, "files": files, "run_ids": list(run_ids),
                                  "n_runs": len(run_ids)})
+
+
+def strategy_table(runs_df):
+    """Sync strategies against np: test accuracy and loss (mean ± std over seeds), collapsed runs,
+    dead conv10 channels at the end. Runs may differ in sync and its period, nothing else."""
+    _check_one_protocol(runs_df, vary={"sync", "sync_every"})
+    r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
+                       mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
+                       collapsed=runs_df["collapsed"].astype(bool), sync=runs_df["cfg_sync"],
+                       dead_conv10=runs_df["dead_conv10_frac"].astype(float))
+    keys = ["sync", "np", "processes"]
+    t = metrics.aggregate(r, keys, ["test_acc_pct", "test_loss", "mean_train_acc_pct", "dead_conv10", "wall_s"])
+    t = t.merge(r.groupby(keys).agg(collapsed=("collapsed", "sum")).reset_index(), on=keys)
+    t = t.sort_values(keys).reset_index(drop=True)
+    t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    return t

@@ -166,7 +166,7 @@ tc'''),
 plan = [Planned(strategy_cfg(n, sync, s), processes_for(n, p["max_processes"]))
         for sync in p["syncs"] for n in p["nps"] for s in p["seeds"]]
 runs = ctx.ensure(plan, "sync strategies")'''),
-    ("code", '''ts = figures.strategy_table(runs)
+    ("code", '''ts = tables.strategy_table(runs)
 ctx.save_table(ts, "table_sync_strategies")
 tables.display_frame(ts)'''),
     ("code", '''ctx.save_figure(figures.fig_strategy_accuracy(ts), "fig_sync_accuracy_vs_np", run_ids=ts.attrs["run_ids"])

@@ -62,6 +62,15 @@ def _fail_on_rank_1():
 
 
 @notebook_fn
+def _fail_on_rank_1_while_rank_0_waits():
+    from mpi4py import MPI
+
+    if MPI.COMM_WORLD.Get_rank() == 1:
+        raise ValueError("rank 1 fails alone")
+    MPI.COMM_WORLD.Barrier()  # rank 0 would wait here forever
+
+
+@notebook_fn
 def _sleep(s):
     import time
 
@@ -120,6 +129,18 @@ def test_run_with_injected_failure_raises_and_pool_stops_clean(tmp_path, cifar_d
             pool.run(tiny(tmp_path, cifar_dir, inject_failure="1:0"))
         assert ei.value.ranks == [1] and "RankFailure" in str(ei.value)
     assert leftovers(cid) == []
+
+
+@pytest.mark.timeout(180)
+def test_failure_on_one_rank_while_others_wait_does_not_hang():
+    with Pool(n=2, hang_grace=2) as pool:
+        old = pool.cluster_id
+        with pytest.raises(PoolError, match=r"rank\(s\) 1 \(ValueError: rank 1 fails alone\).*restarted") as ei:
+            pool.apply(_fail_on_rank_1_while_rank_0_waits)
+        assert ei.value.ranks == [1] and leftovers(old, descendants=False) == []
+        assert pool.apply(_rank) == [0, 1]
+        new = pool.cluster_id
+    assert leftovers(new) == []
 
 
 @pytest.mark.timeout(240)
