@@ -177,3 +177,22 @@ def test_environment_yml_matches_pyproject():
     listed = set(re.findall(r"^\s*-\s*([a-z0-9_.\-]+)", env, re.M))
     missing = {n for n in names if n not in listed}
     assert not missing, f"environment.yml lacks {missing}"
+
+
+def test_processes_for_divides_world():
+    from labtools.profiles import PAPER_NPS, processes_for
+
+    assert [processes_for(n, 16) for n in PAPER_NPS] == [2, 4, 8, 16, 12, 16, 10, 16]
+    assert [processes_for(n, 2) for n in PAPER_NPS] == [2] * 8
+    assert processes_for(1, 16) == 1
+
+
+def test_cli_args_reproduce_config():
+    import argparse
+
+    from labtools.experiments import cli_args
+
+    c = RunConfig(np=48, sync="local-sgd", sync_every=8, shuffle=True, final_relu=False, limit_train=100)
+    p = argparse.ArgumentParser()
+    RunConfig.add_arguments(p)
+    assert RunConfig.from_args(p.parse_args(cli_args(c))) == c
