@@ -160,6 +160,8 @@ def test_table1_equals_direct_computation(store):
         for r in runs[(runs["cfg_batch_per_node"] == row.batch_per_node) & (runs["world"] == row.world)].itertuples():
             rk = results.load_rank_epochs(r.run_dir)
             ep = results.load_epochs(r.run_dir)
+            if rk["epoch"].max() > 1:  # epoch 1 (tracing) is a warm-up left out of Table 1
+                rk, ep = rk[rk["epoch"] > 1], ep[ep["epoch"] > 1]
             proc = rk  # equal ranks per process, so the mean over rank rows is the mean over processes
             per_run.append({"avg_epoch_s": ep["epoch_wall_s"].mean(), "mean_step_s": rk["mean_step_s"].mean(),
                             "global_img_per_s": (rk.groupby("epoch")["samples"].sum() / ep.set_index("epoch")["epoch_wall_s"]).mean(),
@@ -168,8 +170,6 @@ def test_table1_equals_direct_computation(store):
         assert row.n_runs == len(direct)
         for col in tables.TABLE1_METRICS:
             assert getattr(row, f"{col}_mean") == pytest.approx(direct[col].mean(), rel=1e-9), col
-        assert row.avg_epoch_s_mean == pytest.approx(runs[(runs["cfg_batch_per_node"] == row.batch_per_node)
-                                                          & (runs["world"] == row.world)]["mean_epoch_s"].mean())
 
 
 def test_save_table_and_figures_write_all_files(store, tmp_path):

@@ -68,6 +68,7 @@ def test_table1_equals_raw_records(smoke):
     for row in t.itertuples():
         sel = runs[runs.cfg_batch_per_node == row.batch_per_node]
         rk = pd.concat([results.load_rank_epochs(d) for d in sel.run_dir])
+        rk = rk[rk.epoch > 1]  # epoch 1 (tf.function tracing) is a warm-up
         assert row.peak_rss_mb_mean == pytest.approx(rk.peak_rss_mb.max())
         assert row.mean_step_s_mean == pytest.approx(rk.mean_step_s.mean())
 
