@@ -11,6 +11,14 @@ from __future__ import annotations
 
 PAPER_NPS = [2, 4, 8, 16, 24, 32, 40, 48]
 PAPER_BATCHES = [8, 16, 24, 32]
+# Notebook 03, part 1: the paper's configuration under each input and model option.
+COLLAPSE_VARIANTS = {
+    "caffe": {"preprocess": "caffe"},
+    "unit": {"preprocess": "unit"},
+    "standardize": {"preprocess": "standardize"},
+    "unit, no final ReLU": {"preprocess": "unit", "final_relu": False},
+    "unit, conv10 N(0,0.01)": {"preprocess": "unit", "conv10_init": "caffe"},
+}
 # Table 1's "fast sweep": avg epoch time / mean step = 200 steps per epoch at every batch size.
 SWEEP_STEPS = 200
 
@@ -18,7 +26,7 @@ PROFILES = {
     "smoke": {
         "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=10, epochs=2, limit_test=200, repeats=1),
         "02_strong_scaling": dict(nps=[2, 4], epochs=2, limit_train=480, limit_test=200, repeats=1, max_processes=2),
-        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_preprocess=["caffe", "unit"],
+        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_variants=["caffe", "unit"],
                                    nps=[2, 4], syncs=["epoch-average", "allreduce"], seeds=[0], epochs=2,
                                    limit_train=480, limit_test=200, max_processes=2),
         "00_quickstart": dict(epochs=1, limit_train=480, limit_test=200),
@@ -26,7 +34,7 @@ PROFILES = {
     "quick": {
         "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=SWEEP_STEPS, epochs=2, limit_test=1000, repeats=1),
         "02_strong_scaling": dict(nps=PAPER_NPS, epochs=3, limit_train=10_000, limit_test=2000, repeats=1, max_processes=2),
-        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0, 1], collapse_preprocess=["caffe", "unit"],
+        "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_variants=list(COLLAPSE_VARIANTS),
                                    nps=[2, 8, 48], syncs=["epoch-average", "allreduce"], seeds=[0], epochs=3,
                                    limit_train=10_000, limit_test=2000, max_processes=2),
         "00_quickstart": dict(epochs=1, limit_train=2400, limit_test=1000),
@@ -35,7 +43,7 @@ PROFILES = {
         "01_batch_sweep": dict(batches=PAPER_BATCHES, steps_per_epoch=SWEEP_STEPS, epochs=3, limit_test=None, repeats=1),
         "02_strong_scaling": dict(nps=PAPER_NPS, epochs=10, limit_train=None, limit_test=None, repeats=1, max_processes=16),
         "03_sync_strategies": dict(collapse_nps=[1, 2], collapse_seeds=[0, 1, 2, 3, 4],
-                                   collapse_preprocess=["caffe", "unit", "standardize"], nps=PAPER_NPS,
+                                   collapse_variants=list(COLLAPSE_VARIANTS), nps=PAPER_NPS,
                                    syncs=["epoch-average", "local-sgd", "allreduce"], seeds=[0, 1, 2], epochs=10,
                                    limit_train=None, limit_test=None, max_processes=2),
         "00_quickstart": dict(epochs=1, limit_train=None, limit_test=None),

@@ -147,12 +147,18 @@ SYNC = [
     ("code", SETUP + '''import pandas as pd
 ctx = Context(profile, "03_sync_strategies", out_dir, results_root, runner)
 p = ctx.params
+from labtools.profiles import COLLAPSE_VARIANTS
 collapse_plan = [Planned(ctx.base_config("collapse", np=n, ranks_per_node=min(n, 2), batch_per_node=12 * min(n, 2),
-                                         preprocess=pre, seed=s), n)
-                 for n in p["collapse_nps"] for pre in p["collapse_preprocess"] for s in p["collapse_seeds"]]
+                                         seed=s, **COLLAPSE_VARIANTS[v]), n)
+                 for n in p["collapse_nps"] for v in p["collapse_variants"] for s in p["collapse_seeds"]]
 collapse = ctx.ensure(collapse_plan, "collapse frequency")'''),
-    ("code", '''tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, preprocess=collapse.cfg_preprocess)
-      .groupby(["world", "preprocess"])
+    ("code", '''def variant(r):
+    return next(k for k, v in COLLAPSE_VARIANTS.items()
+                if all(getattr(r, f"cfg_{f}") == x for f, x in v.items())
+                and r.cfg_final_relu == v.get("final_relu", True) and r.cfg_conv10_init == v.get("conv10_init", "keras"))
+
+tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
+      .groupby(["world", "variant"])
       .agg(runs=("run_id", "count"), collapsed=("collapsed", "sum"), test_acc_pct_mean=("test_acc_pct", "mean"),
            test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"))
       .reset_index())
@@ -183,7 +189,7 @@ ctx.save_figure(figures.fig_diagnostics(curves, n_max), f"fig_sync_diagnostics_n
 coll = tc[tc.collapsed > 0]
 lines = [f"At np={n_max}: " + ", ".join(f"{s} {acc(s):.1f}%" for s in p["syncs"]) + " test accuracy (mean over seeds)."]
 if len(coll):
-    lines.append("Collapses at small np occurred for preprocessing " + ", ".join(sorted(set(coll.preprocess)))
+    lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
 else:
     lines.append("No run at np = 1 or 2 collapsed with any preprocessing tried.")
