@@ -256,7 +256,7 @@ def fig_strategy_accuracy(strategy_df, with_paper=True):
         fig, (ax,) = _new()
         if with_paper:
             _paper(ax, "test_acc_pct")
-        for i, (sync, rows) in enumerate(strategy_df.groupby("sync")):
+        for i, (sync, rows) in enumerate(strategy_df.groupby("strategy")):
             n = rows["n_runs"].max()
             ax.errorbar(rows["np"], rows["test_acc_pct_mean"], yerr=rows["test_acc_pct_std"], marker="o",
                         color=f"C{i}", label=f"{sync} (this machine, mean ± std, n≤{n})")

@@ -214,15 +214,17 @@ def provenance_block(extra: dict | None, run_ids, name, files) -> dict:
                                  "n_runs": len(run_ids)})
 
 
-def strategy_table(runs_df):
+def strategy_table(runs_df, strategy):
     """Sync strategies against np: test accuracy and loss (mean ± std over seeds), collapsed runs,
-    dead conv10 channels at the end. Runs may differ in sync and its period, nothing else."""
-    _check_one_protocol(runs_df, vary={"sync", "sync_every"})
+    dead conv10 channels at the end. ``strategy`` names each run's strategy (a Series or list
+    aligned with runs_df); runs may differ only in the strategy options, np and seed."""
+    _check_one_protocol(runs_df, vary={"sync", "sync_every", "lr_scaling", "warmup_epochs", "final_relu",
+                                       "opt_state", "conv10_init", "shuffle"})
     r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
                        mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
-                       collapsed=runs_df["collapsed"].astype(bool), sync=runs_df["cfg_sync"],
+                       collapsed=runs_df["collapsed"].astype(bool), strategy=list(strategy),
                        dead_conv10=runs_df["dead_conv10_frac"].astype(float))
-    keys = ["sync", "np", "processes"]
+    keys = ["strategy", "np", "processes"]
     t = metrics.aggregate(r, keys, ["test_acc_pct", "test_loss", "mean_train_acc_pct", "dead_conv10", "wall_s"])
     t = t.merge(r.groupby(keys).agg(collapsed=("collapsed", "sum")).reset_index(), on=keys)
     t = t.sort_values(keys).reset_index(drop=True)

@@ -165,29 +165,33 @@ tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) 
 tc.attrs["run_ids"] = sorted(collapse.run_id)
 ctx.save_table(tc, "table_collapse_frequency")
 tc'''),
-    ("code", '''def strategy_cfg(n, sync, seed):
-    extra = {"sync_every": 8} if sync == "local-sgd" else {}
-    return ctx.base_config("sync", np=n, sync=sync, seed=seed, **extra)
+    ("code", '''from labtools.profiles import STRATEGIES
 
-plan = [Planned(strategy_cfg(n, sync, s), processes_for(n, p["max_processes"]))
-        for sync in p["syncs"] for n in p["nps"] for s in p["seeds"]]
-runs = ctx.ensure(plan, "sync strategies")'''),
-    ("code", '''ts = tables.strategy_table(runs)
+def strategy_of(r):
+    return next(k for k in p["strategies"] if all(getattr(r, f"cfg_{f}") == v for f, v in STRATEGIES[k].items())
+                and all(getattr(r, f"cfg_{f}") == d for f, d in (("lr_scaling", "none"), ("warmup_epochs", 0.0),
+                        ("final_relu", True)) if f not in STRATEGIES[k]))
+
+plan = [Planned(ctx.base_config("sync", np=n, seed=s, **STRATEGIES[k]), processes_for(n, p["max_processes"]))
+        for k in p["strategies"] for n in p["nps"] for s in p["seeds"]]
+runs = ctx.ensure(plan, "sync strategies")
+runs["strategy"] = [strategy_of(r) for r in runs.itertuples()]'''),
+    ("code", '''ts = tables.strategy_table(runs, runs["strategy"])
 ctx.save_table(ts, "table_sync_strategies")
 tables.display_frame(ts)'''),
     ("code", '''ctx.save_figure(figures.fig_strategy_accuracy(ts), "fig_sync_accuracy_vs_np", run_ids=ts.attrs["run_ids"])
 n_max = max(p["nps"])
 big = runs[runs.world == n_max]
-curves = {r.run_id: (r.cfg_sync, results.load_epochs(r.run_dir)) for r in big.itertuples()}
+curves = {r.run_id: (r.strategy, results.load_epochs(r.run_dir)) for r in big.itertuples()}
 ctx.save_figure(figures.fig_accuracy_vs_epoch(curves, n_max), f"fig_sync_accuracy_vs_epoch_np{n_max}",
                 run_ids=sorted(curves))
 ctx.save_figure(figures.fig_diagnostics(curves, n_max), f"fig_sync_diagnostics_np{n_max}", run_ids=sorted(curves))'''),
-    ("code", '''def acc(sync):
-    r = ts[(ts.sync == sync) & (ts.np == n_max)]
+    ("code", '''def acc(k):
+    r = ts[(ts.strategy == k) & (ts.np == n_max)]
     return float(r.test_acc_pct_mean.iloc[0]) if len(r) else float("nan")
 
 coll = tc[tc.collapsed > 0]
-lines = [f"At np={n_max}: " + ", ".join(f"{s} {acc(s):.1f}%" for s in p["syncs"]) + " test accuracy (mean over seeds)."]
+lines = [f"At np={n_max}: " + "; ".join(f"{k} {acc(k):.1f}%" for k in p["strategies"]) + " test accuracy (mean over seeds)."]
 if len(coll):
     lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
