@@ -24,7 +24,9 @@ def git_commit() -> str | None:
                              timeout=10).stdout.strip()
         if not sha:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+        # Only the code counts: results/ and figures/ change while runs are being recorded.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ":/labtools", ":/notebooks", ":/pyproject.toml"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return sha + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
