@@ -83,6 +83,10 @@ def load_runs(root="results", experiment: str | None = None):
         row = {"run_dir": str(d), "run_id": d.name, "experiment": d.parent.name}
         row.update({f"cfg_{k}": v for k, v in m["config"].items()})
         row.update({k: m[k] for k in ("world", "processes", "cluster_wall_time", "science_key", "git_commit")})
+        if "cores_per_host" in m:  # more processes than cores on any host: times are not a cluster's
+            from collections import Counter
+
+            row["oversubscribed"] = any(n > m["cores_per_host"].get(h, n) for h, n in Counter(m["hosts"]).items())
         row.update(s)
         rows.append(row)
     return pd.DataFrame(rows)

@@ -15,7 +15,8 @@ from . import provenance as _prov
 
 TABLE1_METRICS = ["avg_epoch_s", "mean_step_s", "global_img_per_s", "peak_rss_mb", "cpu_pct"]
 TABLE2_METRICS = ["test_acc_pct", "test_loss", "mean_train_loss", "mean_train_acc_pct", "wall_s"]
-CLUSTER = "cluster (P=N)"
+CLUSTER = "one process per rank (P=N)"
+OVERSUBSCRIBED = "P=N but more processes than cores: not a cluster time"
 LOGICAL = "logical ranks (P<N): not a cluster time"
 
 # Config fields that may differ between runs pooled in one table row set: they change neither what is
@@ -98,6 +99,7 @@ def table2_scaling(runs_df, base_np=2):
     whose times are not what a cluster of N processes would take.
     """
     import numpy as np
+    import pandas as pd
 
     _check_one_protocol(runs_df)
     r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
@@ -109,6 +111,9 @@ def table2_scaling(runs_df, base_np=2):
     t = t.merge(extra, on=keys)
     cluster = t["processes"] == t["np"]
     t["wall_time_kind"] = np.where(cluster, CLUSTER, LOGICAL)
+    if "oversubscribed" in r:  # known only for runs that recorded their hosts' core counts
+        over = r.groupby(keys)["oversubscribed"].max().reindex(pd.MultiIndex.from_frame(t[keys])).to_numpy()
+        t.loc[cluster & (over == True), "wall_time_kind"] = OVERSUBSCRIBED  # noqa: E712 - NaN means unknown
     t = metrics.add_scaling(t, "wall_s_mean", "np", base_np, base_rows=cluster if cluster.any() else None)
     # Spread of a ratio of independent means, first order: rel. std adds in quadrature. The base row
     # is S = 1 by definition (std 0); NaN wherever either time has a single repeat.

@@ -96,9 +96,13 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             run_dir = run_dir.with_name(f"{run_id}-{os.getpid()}")
     run_dir = Path(comm.bcast(str(run_dir) if run_dir else None))
     hosts = comm.gather(comm.host)
+    cores = comm.gather((comm.host, os.cpu_count()))
+    # A wall time is a cluster's only with one process per rank and no more processes than cores.
+    oversubscribed = bool(cores) and any(hosts.count(h) > c for h, c in dict(cores).items())
     manifest = {
         "config": cfg.to_dict(), "world": world, "processes": comm.size, "ranks_per_process": w.k,
-        "cluster_wall_time": world == comm.size, "hosts": hosts, "science_key": cfg.science_key(),
+        "cluster_wall_time": world == comm.size and not oversubscribed, "hosts": hosts,
+        "cores_per_host": dict(cores) if cores else None, "science_key": cfg.science_key(),
         "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
         "versions": provenance.versions(), "host": provenance.host(), "start_utc": provenance.utc_now(),
         "n_train": len(ytr), "n_test": len(yte), "steps_per_epoch": w.steps_per_epoch,
@@ -187,7 +191,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
             "test_acc": last["test_acc"], "test_loss": last["test_loss"],
             "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
-            "global_wall_s": global_wall, "cluster_wall_time": world == comm.size,
+            "global_wall_s": global_wall, "cluster_wall_time": manifest["cluster_wall_time"],
             "collapsed": bool(last["collapsed"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
             "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
             "eval_s": sum(r["eval_s"] for r in epoch_rows),
