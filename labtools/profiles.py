@@ -21,6 +21,21 @@ STRATEGIES = {
                                                    "warmup_epochs": 2.0, "final_relu": False},
 }
 BEST = "allreduce, sqrt lr, warmup 2, no final ReLU"
+# The RunConfig fields a strategy may set; any it leaves out must be at their defaults.
+STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "final_relu", "dropout", "opt_state",
+                   "conv10_init", "shuffle", "average_impl")
+
+
+def strategy_of(cfg: dict, names) -> str | None:
+    """Which named strategy a run's config is (None if none of names)."""
+    from .config import RunConfig
+
+    default = RunConfig()
+    for k in names:
+        want = STRATEGIES[k]
+        if all(cfg[f] == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
+            return k
+    return None
 PAPER_BATCHES = [8, 16, 24, 32]
 # Notebook 03, part 1: the paper's configuration under each input and model option.
 COLLAPSE_VARIANTS = {

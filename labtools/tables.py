@@ -223,8 +223,9 @@ def strategy_table(runs_df, strategy):
     """Sync strategies against np: test accuracy and loss (mean ± std over seeds), collapsed runs,
     dead conv10 channels at the end. ``strategy`` names each run's strategy (a Series or list
     aligned with runs_df); runs may differ only in the strategy options, np and seed."""
-    _check_one_protocol(runs_df, vary={"sync", "sync_every", "lr_scaling", "warmup_epochs", "final_relu",
-                                       "opt_state", "conv10_init", "shuffle"})
+    from .profiles import STRATEGY_FIELDS
+
+    _check_one_protocol(runs_df, vary=set(STRATEGY_FIELDS))
     r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
                        mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
                        collapsed=runs_df["collapsed"].astype(bool), strategy=list(strategy),

@@ -165,17 +165,13 @@ tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) 
 tc.attrs["run_ids"] = sorted(collapse.run_id)
 ctx.save_table(tc, "table_collapse_frequency")
 tc'''),
-    ("code", '''from labtools.profiles import STRATEGIES
-
-def strategy_of(r):
-    return next(k for k in p["strategies"] if all(getattr(r, f"cfg_{f}") == v for f, v in STRATEGIES[k].items())
-                and all(getattr(r, f"cfg_{f}") == d for f, d in (("lr_scaling", "none"), ("warmup_epochs", 0.0),
-                        ("final_relu", True)) if f not in STRATEGIES[k]))
+    ("code", '''from labtools.profiles import STRATEGIES, strategy_of
 
 plan = [Planned(ctx.base_config("sync", np=n, seed=s, **STRATEGIES[k]), processes_for(n, p["max_processes"]))
         for k in p["strategies"] for n in p["nps"] for s in p["seeds"]]
 runs = ctx.ensure(plan, "sync strategies")
-runs["strategy"] = [strategy_of(r) for r in runs.itertuples()]'''),
+runs["strategy"] = [strategy_of({k[4:]: v for k, v in r.items() if k.startswith("cfg_")}, p["strategies"])
+                   for _, r in runs.iterrows()]'''),
     ("code", '''ts = tables.strategy_table(runs, runs["strategy"])
 ctx.save_table(ts, "table_sync_strategies")
 tables.display_frame(ts)'''),

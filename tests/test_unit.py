@@ -196,3 +196,12 @@ def test_cli_args_reproduce_config():
     p = argparse.ArgumentParser()
     RunConfig.add_arguments(p)
     assert RunConfig.from_args(p.parse_args(cli_args(c))) == c
+
+
+def test_strategy_of_names_each_strategy():
+    from labtools.profiles import STRATEGIES, strategy_of
+
+    for name, opts in STRATEGIES.items():
+        cfg = RunConfig(**opts).to_dict()
+        assert strategy_of(cfg, list(STRATEGIES)) == name
+    assert strategy_of(RunConfig(sync="allreduce", dropout=0.1).to_dict(), list(STRATEGIES)) is None
