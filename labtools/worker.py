@@ -8,7 +8,6 @@ few milliseconds and happens once per rank per sync round. With k = 1 nothing is
 from __future__ import annotations
 
 import math
-import time
 
 import keras
 import numpy as np
@@ -20,7 +19,6 @@ from .config import RunConfig
 from .model import relu_probe, squeezenet_v1_1
 
 PEER_MARK = "LABTOOLS_PEER_FAILED"
-LN10 = math.log(10.0)
 
 
 class PeerFailed(Exception):
@@ -228,9 +226,3 @@ class Worker:
                 dead += int((~alive).sum())
                 total += alive.size
         return {"dead_conv10_frac": conv10, "dead_relu_frac": dead / max(total, 1)}
-
-
-def timed(fn, *a):
-    t = time.perf_counter()
-    out = fn(*a)
-    return out, time.perf_counter() - t
