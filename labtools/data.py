@@ -68,7 +68,7 @@ def find_cifar_dir(explicit: str | os.PathLike | None = None, download: bool = T
     An explicit path that lacks the files is an error (no silent fallback to another copy).
     """
     if explicit:
-        d = Path(explicit).expanduser()
+        d = Path(os.path.expandvars(str(explicit))).expanduser()  # records keep "$CIFAR10_DIR"
         if _has_files(d):
             return d
         if (d / FOLDER).is_dir() and _has_files(d / FOLDER):

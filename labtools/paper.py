@@ -1,6 +1,6 @@
 """The paper's published numbers, typed once from its text, used only as the reference overlay.
 
-Source: /work/shared/paper/squeezenet-edge-mpi-paper.txt, Table 1 (batch sweep on one RPi 4B,
+Source: the paper's text (shared/paper/squeezenet-edge-mpi-paper.txt), Table 1 (batch sweep on one RPi 4B,
 2 ranks/node) and Table 2 (strong scaling, 2 ranks per RPi). Values are as printed (percent
 columns in percent, times in seconds); nothing here is derived from our runs, and nothing we
 report is derived from here.

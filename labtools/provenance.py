@@ -12,6 +12,29 @@ PACKAGES = ("labtools", "tensorflow", "tensorflow-cpu", "keras", "numpy", "mpi4p
             "ipyparallel", "papermill", "pandas", "matplotlib", "psutil")
 
 
+def portable_path(p) -> str:
+    """A path as records should keep it: no machine-specific prefix.
+
+    $CIFAR10_DIR stays a variable, paths under the project become relative, the home folder is '~'.
+    """
+    import os
+
+    if p is None:
+        return None
+    path = Path(p).expanduser().resolve()
+    env = os.environ.get("CIFAR10_DIR")
+    if env and Path(env).expanduser().resolve() == path:
+        return "$CIFAR10_DIR"
+    root = Path(__file__).resolve().parents[1]
+    for base, name in ((root, None), (Path.home().resolve(), "~")):
+        try:
+            rel = path.relative_to(base)
+        except ValueError:
+            continue
+        return str(rel) if name is None else f"~/{rel}"
+    return str(p)
+
+
 def utc_now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 

@@ -40,8 +40,10 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
         target = executed / f"{name}.ipynb"
         try:
             pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(target), cwd=str(nb_dir), kernel_name="python3",
-                                parameters={"profile": profile, "out_dir": str(out_dir),
-                                            "results_root": str(Path(results_root).resolve()), "runner": runner},
+                                # relative to the notebooks' folder: executed copies name no machine paths
+                                parameters={"profile": profile, "out_dir": os.path.relpath(out_dir, nb_dir),
+                                            "results_root": os.path.relpath(Path(results_root).resolve(), nb_dir),
+                                            "runner": runner},
                                 progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as e:
             raise ReproduceError(f"{name}: cell {e.exec_count} raised {e.ename}: {e.evalue} "

@@ -100,7 +100,8 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     # A wall time is a cluster's only with one process per rank and no more processes than cores.
     oversubscribed = bool(cores) and any(hosts.count(h) > c for h, c in dict(cores).items())
     manifest = {
-        "config": cfg.to_dict(), "world": world, "processes": comm.size, "ranks_per_process": w.k,
+        "config": {**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
+                   "out": provenance.portable_path(cfg.out)}, "world": world, "processes": comm.size, "ranks_per_process": w.k,
         "cluster_wall_time": world == comm.size and not oversubscribed, "hosts": hosts,
         "cores_per_host": dict(cores) if cores else None, "science_key": cfg.science_key(),
         "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
@@ -205,7 +206,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             "world": world, "epochs": cfg.epochs, "batch_per_node": cfg.batch_per_node,
             "batch_per_rank": cfg.batch_per_rank, "mean_train_loss": f"{summary['mean_train_loss']:.4f}",
             "mean_train_acc_pct": f"{100 * summary['mean_train_acc']:.2f}", "global_time_sec": f"{global_wall:.2f}",
-            "cifar_dir": path, "test_acc_pct": f"{100 * summary['test_acc']:.2f}",
+            "cifar_dir": provenance.portable_path(path), "test_acc_pct": f"{100 * summary['test_acc']:.2f}",
             "test_loss": f"{summary['test_loss']:.4f}", "processes": comm.size, "sync": cfg.sync,
             "seed": cfg.seed, "run_id": run_dir.name}, results.SCALING_COLUMNS)
         results.write_json(run_dir / "summary.json", summary)  # last: marks the run complete
