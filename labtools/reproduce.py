@@ -19,6 +19,14 @@ class ReproduceError(RuntimeError):
     pass
 
 
+def _rel(p: Path) -> str:
+    """papermill stores the paths it is given in the executed notebook: keep them machine-neutral."""
+    try:
+        return os.path.relpath(p)
+    except ValueError:  # another drive (Windows)
+        return str(p)
+
+
 def reproduce(profile: str = "quick", notebooks=None, out="figures", results_root="results",
               notebook_dir: str | os.PathLike | None = None, runner: str = "pool") -> list[Path]:
     import papermill as pm
@@ -39,7 +47,7 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
         print(f"[reproduce] {name} (profile {profile}) ...", flush=True)
         target = executed / f"{name}.ipynb"
         try:
-            pm.execute_notebook(str(nb_dir / f"{name}.ipynb"), str(target), cwd=str(nb_dir), kernel_name="python3",
+            pm.execute_notebook(_rel(nb_dir / f"{name}.ipynb"), _rel(target), cwd=str(nb_dir), kernel_name="python3",
                                 # relative to the notebooks' folder: executed copies name no machine paths
                                 parameters={"profile": profile, "out_dir": os.path.relpath(out_dir, nb_dir),
                                             "results_root": os.path.relpath(Path(results_root).resolve(), nb_dir),
