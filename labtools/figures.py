@@ -13,7 +13,7 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
+from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
 
 from . import paper, results, tables
 
@@ -285,6 +285,7 @@ def fig_accuracy_vs_epoch(curves, np_):
                 ax.plot(ep["epoch"], 100 * ep["test_acc"], marker="o", color=f"C{i}", alpha=0.85,
                         label=sync if j == 0 else None)
         ax.axhline(10, color="0.6", lw=0.8, ls=":", label="chance (10%)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"Test accuracy per epoch at np = {np_} (one line per seed)")
@@ -307,6 +308,7 @@ def fig_diagnostics(curves, np_):
                         ax.plot(ep["epoch"], ep[c], marker="o", color=f"C{i}", alpha=0.85,
                                 label=sync if j == 0 else None)
         for ax, (_, label) in zip(axes, cols):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
         axes[0].set_title(f"Diagnostics at np = {np_}")
