@@ -114,7 +114,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     for r in w.ranks:
         _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples")
 
-    rank_rows = {r: [] for r in w.ranks}
+    rank_rows = {}  # root only: every logical rank's epoch rows, as gathered
     epoch_rows = []
     train_wall = 0.0
     try:
@@ -136,7 +136,6 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
                         "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": rss, "cpu_pct": cpu,
                         "process": comm.rank, "process_epoch_s": t_train,
                     }
-                    rank_rows[r].append(rows[r])
                     _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
                               f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
                 # ---- evaluate the synchronized model together; gather rank rows to the root
@@ -163,9 +162,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
                     epoch_rows.append(er)
                     results.write_csv(run_dir / "epochs.csv", epoch_rows)
                     for row in flat:
-                        rank_rows.setdefault(row["rank"], [])
-                        if row["rank"] not in w.ranks:
-                            rank_rows[row["rank"]].append(row)
+                        rank_rows.setdefault(row["rank"], []).append(row)
                     for r, rr in rank_rows.items():
                         results.write_csv(run_dir / "ranks" / f"rank_{r:03d}.csv", rr)
                     _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} test_acc={test_acc:.4f} "
