@@ -91,6 +91,11 @@ class Comm:
         self.c.Allreduce(a, out, op=self.MPI.SUM)
         return out
 
+    def allreduce_inplace(self, a: np.ndarray) -> None:
+        """Elementwise sum over processes, written over a (contiguous, writeable) buffer."""
+        if self.size > 1:
+            self.c.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+
     def max(self, x: float) -> float:
         return self.c.allreduce(x, op=self.MPI.MAX)
 

@@ -16,7 +16,13 @@ SYNCS = ("epoch-average", "local-sgd", "allreduce")
 AVERAGE_IMPLS = ("gather-bcast", "allreduce")
 OPT_STATE = ("keep", "average", "reset")
 LR_SCALING = ("none", "linear", "sqrt")
+LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
+
+
+# Fields added after records existed: left out of science_key at their default, so the keys of
+# earlier runs (which computed the same thing) stay valid and the results store keeps reusing them.
+ADDED_LATER = {"lr_schedule": "constant"}
 
 
 class ConfigError(ValueError):
@@ -48,6 +54,8 @@ class RunConfig:
     momentum: float = _opt(0.9, "momentum for --optimizer sgd")
     lr_scaling: str = _opt("none", "scale lr with the global batch relative to one rank: none, linear, sqrt", LR_SCALING)
     warmup_epochs: float = _opt(0.0, "linear warmup from lr to the scaled lr over this many epochs")
+    lr_schedule: str = _opt("constant", "after warmup: constant (the paper) or cosine decay to 0 at the last step",
+                            LR_SCHEDULES)
     # --- synchronisation ---
     sync: str = _opt("epoch-average", "sync strategy: epoch-average (the paper), local-sgd, allreduce", SYNCS)
     sync_every: int = _opt(0, "local-sgd period H in steps (0: once per epoch)")
@@ -134,7 +142,8 @@ class RunConfig:
     def science_key(self) -> str:
         """Hash of the fields that change what is computed (not where records go or how loud)."""
         skip = {"out", "experiment", "run_id", "label", "quiet", "threads", "eval_batch", "cifar_dir"}
-        d = {k: v for k, v in self.to_dict().items() if k not in skip}
+        d = {k: v for k, v in self.to_dict().items()
+             if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 
     # ------------------------------------------------------------- CLI

@@ -24,8 +24,8 @@ STRATEGIES = {
 }
 BEST = "allreduce, sqrt lr, warmup 2, no final ReLU, no dropout"
 # The RunConfig fields a strategy may set; any it leaves out must be at their defaults.
-STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "final_relu", "dropout", "opt_state",
-                   "conv10_init", "shuffle", "average_impl")
+STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_schedule", "final_relu", "dropout",
+                   "opt_state", "conv10_init", "shuffle", "average_impl")
 
 
 def strategy_of(cfg: dict, names) -> str | None:
@@ -35,7 +35,8 @@ def strategy_of(cfg: dict, names) -> str | None:
     default = RunConfig()
     for k in names:
         want = STRATEGIES[k]
-        if all(cfg[f] == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
+        # .get: records older than a field computed with its default
+        if all(cfg.get(f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
             return k
     return None
 PAPER_BATCHES = [8, 16, 24, 32]

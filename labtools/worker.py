@@ -42,6 +42,7 @@ class Worker:
         self.b = cfg.batch_per_rank
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.shards = {r: D.shard_indices(len(ytr), world, r) for r in self.ranks}
+        self.all_shard_sizes = np.array([len(range(r, len(ytr), world)) for r in range(world)])
         # Every process derives the same step count without talking: the largest shard decides.
         self.steps_per_epoch = math.ceil(math.ceil(len(ytr) / world) / self.b)
         self.inject = tuple(int(s) for s in cfg.inject_failure.split(":")) if cfg.inject_failure else None
@@ -118,6 +119,9 @@ class Worker:
         t = epoch + step / self.steps_per_epoch
         if c.warmup_epochs > 0 and t < c.warmup_epochs:
             return c.lr + (target - c.lr) * t / c.warmup_epochs
+        if c.lr_schedule == "cosine":
+            span = max(c.epochs - c.warmup_epochs, 1e-9)
+            return target * 0.5 * (1.0 + math.cos(math.pi * min((t - c.warmup_epochs) / span, 1.0)))
         return target
 
     def set_lr(self, epoch: int, step: int) -> None:
@@ -149,20 +153,20 @@ class Worker:
 
         sizes, shapes = self.sizes, self.shapes
 
-        @tf.function(input_signature=spec, reduce_retracing=True)
-        def allreduce_step(x, y, k):
-            # Fused synchronous SGD: sum-gradients of this process's samples, one Allreduce of one
-            # flat buffer (grads, sample count, error flag), mean over all samples, apply.
+        @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),), reduce_retracing=True)
+        def allreduce_step(x, y, k, inv_global):
+            # Fused synchronous SGD with as few passes over the 2.9 MB gradient as we could find
+            # (bench/allreduce_overhead.py): the loss is pre-scaled by 1/(global batch) so the summed
+            # gradient is already the mean; one concat into a flat buffer (grads + error flag),
+            # reduced in place by one Allreduce; split along axis 0 back into the variables' shapes.
             with tf.GradientTape() as tape:
                 per, correct = forward(x, y, k, True)
-                total = tf.reduce_sum(per)
+                total = tf.reduce_sum(per) * inv_global
             grads = tape.gradient(total, tvars)
-            n = tf.cast(tf.shape(y)[0], tf.float32)
-            flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.stack([n, 0.0])], 0)
+            flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.zeros([1])], 0)
             red = tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True)
-            red = tf.reshape(red, tf.shape(flat))
-            parts = tf.split(red[:-2], sizes)
-            mean = [tf.reshape(g, s) / red[-2] for g, s in zip(parts, shapes)]
+            parts = tf.split(tf.reshape(red, tf.shape(flat)), sizes + [1])
+            mean = [tf.reshape(g, s) for g, s in zip(parts, shapes)]
             opt.apply(mean, tvars)
             return per, correct, tf.linalg.global_norm(mean)
 
@@ -174,14 +178,21 @@ class Worker:
         self.local_step, self.allreduce_step, self.evaluate_fn = local_step, allreduce_step, evaluate
 
     def _allreduce_np(self, flat: np.ndarray) -> np.ndarray:
-        out = self.comm.allreduce_array(flat)
-        if out[-1] > 0:
-            raise RankFailure(f"{PEER_MARK}: {int(out[-1])} process(es) failed during a synchronous step")
-        return out
+        # The buffer is the graph's own concat output, used by nobody else: reduce it in place.
+        if not flat.flags.writeable:
+            flat = flat.copy()
+        self.comm.allreduce_inplace(flat)
+        if flat[-1] > 0:
+            raise RankFailure(f"{PEER_MARK}: {int(flat[-1])} process(es) failed during a synchronous step")
+        return flat
+
+    def global_count(self, step: int) -> int:
+        """Samples all N ranks contribute to a synchronous step (known everywhere without talking)."""
+        return int(np.clip(self.all_shard_sizes - step * self.b, 0, self.b).sum())
 
     def post_step_failure(self) -> None:
         """Join the current step's Allreduce with the error flag set, so peers do not wait forever."""
-        buf = np.zeros(self.n_params + 2, np.float32)
+        buf = np.zeros(self.n_params + 1, np.float32)
         buf[-1] = 1.0
         self.comm.allreduce_array(buf)
 

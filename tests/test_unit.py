@@ -205,3 +205,42 @@ def test_strategy_of_names_each_strategy():
         cfg = RunConfig(**opts).to_dict()
         assert strategy_of(cfg, list(STRATEGIES)) == name
     assert strategy_of(RunConfig(sync="allreduce", dropout=0.1).to_dict(), list(STRATEGIES)) is None
+
+
+def test_lr_schedule_warmup_scaling_and_cosine():
+    from types import SimpleNamespace
+
+    from labtools.worker import Worker
+
+    def lr(epoch, step, **kw):
+        cfg = RunConfig(epochs=10, lr=1e-3, **kw)
+        return Worker.lr_at(SimpleNamespace(cfg=cfg, N=16, steps_per_epoch=100), epoch, step)
+
+    assert lr(5, 0) == 1e-3  # the paper: constant
+    assert lr(0, 0, lr_scaling="sqrt", warmup_epochs=2) == pytest.approx(1e-3)
+    assert lr(1, 0, lr_scaling="sqrt", warmup_epochs=2) == pytest.approx(2.5e-3)  # halfway to 4e-3
+    assert lr(2, 0, lr_scaling="linear", warmup_epochs=2) == pytest.approx(16e-3)
+    cos = dict(lr_scaling="sqrt", warmup_epochs=2, lr_schedule="cosine")
+    assert lr(2, 0, **cos) == pytest.approx(4e-3)  # the peak right after warmup
+    assert lr(6, 0, **cos) == pytest.approx(2e-3)  # half way through the decay
+    assert lr(9, 99, **cos) < 1e-6
+    assert all(lr(e, 0, **cos) >= lr(e + 1, 0, **cos) for e in range(2, 9))
+
+
+def test_synchronous_step_counts_every_ranks_samples():
+    from types import SimpleNamespace
+
+    from labtools.worker import Worker
+
+    n, world, b = 97, 4, 12  # shards of 25, 24, 24, 24
+    w = SimpleNamespace(all_shard_sizes=np.array([len(D.shard_indices(n, world, r)) for r in range(world)]), b=b)
+    counts = [Worker.global_count(w, s) for s in range(3)]
+    assert counts == [48, 48, 1] and sum(counts) == n
+
+
+def test_new_fields_keep_old_science_keys():
+    from labtools.config import ADDED_LATER
+
+    cfg = RunConfig()
+    assert cfg.replace(**{k: v for k, v in ADDED_LATER.items()}).science_key() == cfg.science_key()
+    assert cfg.replace(lr_schedule="cosine").science_key() != cfg.science_key()
