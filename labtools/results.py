@@ -55,7 +55,8 @@ def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> None:
 def append_csv_row(path, row: dict, columns: list[str]) -> None:
     """Rewrite-and-rename append: readers never see a half-written row."""
     path = Path(path)
-    old = path.read_text() if path.exists() else ""
+    # newline="": keep the rows already there byte for byte (csv writes \r\n line ends)
+    old = open(path, newline="").read() if path.exists() else ""
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
     if not old:
