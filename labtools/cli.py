@@ -60,7 +60,8 @@ def _reproduce(ns) -> int:
     from .reproduce import ReproduceError, reproduce
 
     try:
-        reproduce(profile=ns.profile, notebooks=ns.notebook or None, out=ns.out, results_root=ns.results)
+        reproduce(profile=ns.profile, notebooks=ns.notebook or None, out=ns.out, results_root=ns.results,
+                  run_missing=not ns.stored_only)
     except ReproduceError as e:
         print(f"labtools: reproduce failed: {e}", file=sys.stderr)
         return 1
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--notebook", action="append", help="only this notebook (repeatable)")
     r.add_argument("--out", default="figures", help="where tables, figures and executed notebooks go")
     r.add_argument("--results", default="results", help="results store root")
+    r.add_argument("--stored-only", action="store_true",
+                   help="run nothing: tables and figures from the runs already stored, marked partial if some are missing")
     r.set_defaults(fn=_reproduce)
     return p
 

@@ -57,6 +57,18 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False)
     return sorted(set(dirs))
 
 
+def stored(plan: list[Planned], desc: str = "runs") -> tuple[list[Path], int]:
+    """The completed runs the store holds for a plan, and how many planned runs have none."""
+    dirs, missing = [], 0
+    for p in plan:
+        found = completed_runs(p.cfg, p.processes)
+        missing += not found
+        dirs.extend(found)
+    print(f"{desc}: {len(plan)} planned, {len(plan) - missing} in the results store, {missing} missing "
+          "(not run: run_missing=False)", flush=True)
+    return sorted(set(dirs)), missing
+
+
 def cli_args(cfg: RunConfig) -> list[str]:
     """The `labtools train` flags that reproduce cfg."""
     args = []

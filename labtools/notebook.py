@@ -17,8 +17,13 @@ def project_root() -> Path:
 
 
 class Context:
-    def __init__(self, profile: str, notebook: str, out_dir=None, results_root=None, runner: str = "pool"):
+    def __init__(self, profile: str, notebook: str, out_dir=None, results_root=None, runner: str = "pool",
+                 run_missing: bool = True):
         root = project_root()
+        # run_missing=False renders what the store holds: a long study (the paper profile of 03 is
+        # ~12 h on 2 cores) can be looked at part way, and every output says how much is missing.
+        self.run_missing = run_missing
+        self.missing: dict[str, dict] = {}
         self.profile, self.notebook, self.runner_kind = profile, notebook, runner
         self.params = profiles.params(profile, notebook)
         self.out_dir = Path(out_dir) if out_dir else root / "figures" / profile
@@ -43,7 +48,13 @@ class Context:
         return experiments.PoolRunner()
 
     def ensure(self, plan, desc: str, rerun: bool = False):
-        """Run what the store lacks (each planned run once), return the runs as a DataFrame."""
+        """Run what the store lacks (each planned run once), return the runs as a DataFrame.
+        With run_missing=False nothing is run: the runs present are returned and the gap is recorded."""
+        if not self.run_missing:
+            dirs, n_missing = experiments.stored(plan, desc=desc)
+            if n_missing:
+                self.missing[desc] = {"planned": len(plan), "missing": n_missing}
+            return self.load(dirs)
         with self.runner() as run:
             dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun)
         return self.load(dirs)
@@ -60,7 +71,8 @@ class Context:
 
     def provenance(self, **extra) -> dict:
         return {"profile": self.profile, "reduced_protocol": self.reduced, "notebook": self.notebook,
-                "profile_params": self.params, **extra}
+                "profile_params": self.params, "partial": bool(self.missing), "runs_missing": dict(self.missing),
+                **extra}
 
     def save_table(self, df, name: str, run_ids=None, **extra):
         from .tables import save_table
@@ -70,10 +82,15 @@ class Context:
     def save_figure(self, fig, name: str, run_ids=None, **extra):
         from .figures import save_figure
 
+        if self.missing:  # a partial study says so on the figure itself, not only in the sidecar
+            fig.text(0.01, 0.005, self.title_note().strip(), fontsize=7, color="0.35", ha="left", va="bottom")
         return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra), run_ids=run_ids)
 
     def title_note(self) -> str:
-        return "" if not self.reduced else f" [profile '{self.profile}': reduced protocol]"
+        note = "" if not self.reduced else f" [profile '{self.profile}': reduced protocol]"
+        for desc, m in self.missing.items():
+            note += f" [partial: {m['planned'] - m['missing']} of {m['planned']} planned {desc} runs]"
+        return note
 
 
 class _Closing:

@@ -28,7 +28,7 @@ def _rel(p: Path) -> str:
 
 
 def reproduce(profile: str = "quick", notebooks=None, out="figures", results_root="results",
-              notebook_dir: str | os.PathLike | None = None, runner: str = "pool") -> list[Path]:
+              notebook_dir: str | os.PathLike | None = None, runner: str = "pool", run_missing: bool = True) -> list[Path]:
     import papermill as pm
 
     nb_dir = Path(notebook_dir) if notebook_dir else ROOT / "notebooks"
@@ -51,7 +51,7 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
                                 # relative to the notebooks' folder: executed copies name no machine paths
                                 parameters={"profile": profile, "out_dir": os.path.relpath(out_dir, nb_dir),
                                             "results_root": os.path.relpath(Path(results_root).resolve(), nb_dir),
-                                            "runner": runner},
+                                            "runner": runner, "run_missing": run_missing},
                                 progress_bar=False, log_output=True, stdout_file=sys.stdout, stderr_file=sys.stderr)
         except pm.PapermillExecutionError as e:
             raise ReproduceError(f"{name}: cell {e.exec_count} raised {e.ename}: {e.evalue} "

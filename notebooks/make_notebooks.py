@@ -11,7 +11,8 @@ HERE = Path(__file__).resolve().parent
 PARAMS = '''profile = "quick"      # smoke | quick | paper (see labtools/profiles.py)
 out_dir = None         # tables and figures go here (default: figures/<profile>)
 results_root = None    # the results store (default: results/)
-runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run'''
+runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
+run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)'''
 
 SETUP = '''import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -36,6 +37,8 @@ def nb(cells):
             if kind == "params":
                 c.metadata["tags"] = ["parameters"]
             out.append(c)
+    for i, c in enumerate(out):
+        c["id"] = f"c{i:02d}"  # stable ids: regenerating gives no diff noise
     book.cells = out
     return book
 
@@ -48,7 +51,7 @@ QUICKSTART = [
     ("params", PARAMS),
     ("code", SETUP + '''from labtools.cluster import Pool
 
-ctx = Context(profile, "00_quickstart", out_dir, results_root, runner)
+ctx = Context(profile, "00_quickstart", out_dir, results_root, runner, run_missing)
 p = ctx.params
 pool = Pool(n=2).start()
 pool.view.activate()   # enables %%px on the engines
@@ -76,7 +79,7 @@ BATCH_SWEEP = [
            "global throughput, peak RSS per process and average process CPU %. The paper's values are from a "
            "Raspberry Pi 4 (Cortex-A72); ours are from whatever machine runs this notebook."),
     ("params", PARAMS),
-    ("code", SETUP + '''ctx = Context(profile, "01_batch_sweep", out_dir, results_root, runner)
+    ("code", SETUP + '''ctx = Context(profile, "01_batch_sweep", out_dir, results_root, runner, run_missing)
 p = ctx.params
 plan = [Planned(ctx.base_config("batch-sweep", np=2, batch_per_node=b, ranks_per_node=2, epochs=p["epochs"],
                                 limit_train=p["steps_per_epoch"] * b, limit_test=p["limit_test"],
@@ -104,7 +107,7 @@ SCALING = [
            "weights and optimizer state (same numbers as N real ranks). Column P says which; wall times with "
            "P < N are not cluster times and are marked as such. Repeats use seeds 0, 1, …"),
     ("params", PARAMS),
-    ("code", SETUP + '''ctx = Context(profile, "02_strong_scaling", out_dir, results_root, runner)
+    ("code", SETUP + '''ctx = Context(profile, "02_strong_scaling", out_dir, results_root, runner, run_missing)
 p = ctx.params
 plan = [Planned(ctx.base_config("scaling", np=n, seed=s), processes_for(n, p["max_processes"]))
         for n in p["nps"] for s in range(p["repeats"])]
@@ -145,7 +148,7 @@ SYNC = [
            "ranks before each average) explain what happens."),
     ("params", PARAMS),
     ("code", SETUP + '''import pandas as pd
-ctx = Context(profile, "03_sync_strategies", out_dir, results_root, runner)
+ctx = Context(profile, "03_sync_strategies", out_dir, results_root, runner, run_missing)
 p = ctx.params
 from labtools.profiles import COLLAPSE_VARIANTS
 collapse_plan = [Planned(ctx.base_config("collapse", np=n, ranks_per_node=min(n, 2), batch_per_node=12 * min(n, 2),
@@ -157,13 +160,17 @@ collapse = ctx.ensure(collapse_plan, "collapse frequency")'''),
                 if all(getattr(r, f"cfg_{f}") == x for f, x in v.items())
                 and r.cfg_final_relu == v.get("final_relu", True) and r.cfg_conv10_init == v.get("conv10_init", "keras"))
 
-tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
-      .groupby(["world", "variant"])
-      .agg(runs=("run_id", "count"), collapsed=("collapsed", "sum"), test_acc_pct_mean=("test_acc_pct", "mean"),
-           test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"))
-      .reset_index())
-tc.attrs["run_ids"] = sorted(collapse.run_id)
-ctx.save_table(tc, "table_collapse_frequency")
+if len(collapse):
+    tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
+          .groupby(["world", "variant"])
+          .agg(runs=("run_id", "count"), collapsed=("collapsed", "sum"), test_acc_pct_mean=("test_acc_pct", "mean"),
+               test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"))
+          .reset_index())
+    tc.attrs["run_ids"] = sorted(collapse.run_id)
+    ctx.save_table(tc, "table_collapse_frequency")
+else:
+    tc = None
+    display(Markdown("No collapse run is in the results store yet, so there is no collapse table."))
 tc'''),
     ("code", '''from labtools.profiles import STRATEGIES, strategy_of
 
@@ -186,9 +193,11 @@ ctx.save_figure(figures.fig_diagnostics(curves, n_max), f"fig_sync_diagnostics_n
     r = ts[(ts.strategy == k) & (ts.np == n_max)]
     return float(r.test_acc_pct_mean.iloc[0]) if len(r) else float("nan")
 
-coll = tc[tc.collapsed > 0]
+coll = tc[tc.collapsed > 0] if tc is not None else []
 lines = [f"At np={n_max}: " + "; ".join(f"{k} {acc(k):.1f}%" for k in p["strategies"]) + " test accuracy (mean over seeds)."]
-if len(coll):
+if tc is None:
+    lines.append("The collapse frequency part has no runs yet.")
+elif len(coll):
     lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
 else:

@@ -78,3 +78,24 @@ def test_rerun_reuses_the_store(smoke):
     reproduce(profile="smoke", notebooks=["02_strong_scaling"], out=str(smoke / "figures"),
               results_root=str(smoke / "results"))
     assert len(results.run_dirs(smoke / "results")) == before
+
+
+def test_stored_only_renders_a_partial_study_and_says_so(smoke, tmp_path):
+    import shutil
+
+    store = tmp_path / "results"
+    shutil.copytree(smoke / "results", store)
+    victim = results.run_dirs(store, "sync-smoke")[0]
+    shutil.rmtree(victim)
+    before = len(results.run_dirs(store))
+    reproduce(profile="smoke", notebooks=["03_sync_strategies"], out=str(tmp_path / "figures"),
+              results_root=str(store), run_missing=False)
+    assert len(results.run_dirs(store)) == before  # nothing was run
+    tdir = tmp_path / "figures" / "smoke" / "tables"
+    prov = json.loads((tdir / "table_sync_strategies.provenance.json").read_text())
+    assert prov["partial"] and prov["runs_missing"] == {"sync strategies": {"planned": 4, "missing": 1}}
+    assert victim.name not in prov["run_ids"] and len(prov["run_ids"]) == 3
+    # the collapse part lost nothing, so its table is complete
+    assert not json.loads((tdir / "table_collapse_frequency.provenance.json").read_text())["partial"]
+    t = pd.read_csv(tdir / "table_sync_strategies.csv")
+    assert t.n_runs.sum() == 3
