@@ -27,6 +27,12 @@ STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_sche
                    "opt_state", "conv10_init", "shuffle", "average_impl")
 
 
+def _field(cfg: dict, name: str, default):
+    """A config value; records older than a field (absent, or NaN in a loaded table) had its default."""
+    v = cfg.get(name, default)
+    return default if isinstance(v, float) and v != v else v
+
+
 def strategy_of(cfg: dict, names) -> str | None:
     """Which named strategy a run's config is (None if none of names)."""
     from .config import RunConfig
@@ -34,8 +40,7 @@ def strategy_of(cfg: dict, names) -> str | None:
     default = RunConfig()
     for k in names:
         want = STRATEGIES[k]
-        # .get: records older than a field computed with its default
-        if all(cfg.get(f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
+        if all(_field(cfg, f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
             return k
     return None
 PAPER_BATCHES = [8, 16, 24, 32]
