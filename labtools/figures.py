@@ -256,16 +256,32 @@ def fig_strategy_accuracy(strategy_df, with_paper=True):
         fig, (ax,) = _new()
         if with_paper:
             _paper(ax, "test_acc_pct")
-        for i, (sync, rows) in enumerate(strategy_df.groupby("strategy")):
+        for sync, rows in _in_strategy_order(strategy_df.groupby("strategy")):
             n = rows["n_runs"].max()
             ax.errorbar(rows["np"], rows["test_acc_pct_mean"], yerr=rows["test_acc_pct_std"], marker="o",
-                        color=f"C{i}", label=f"{sync} (this machine, mean ± std, n≤{n})")
+                        color=_color(sync), label=f"{sync} (this machine, mean ± std, n≤{n})")
         ax.axhline(10, color="0.6", lw=0.8, ls=":")
         _np_axis(ax, strategy_df, with_paper)
         ax.set_ylabel("test accuracy after the last epoch (%)")
         ax.set_title("Test accuracy vs np by sync strategy")
         _legend(ax)
     return _tag(fig, strategy_df)
+
+
+def _order(name) -> int:
+    from .profiles import STRATEGIES
+
+    names = list(STRATEGIES)
+    return names.index(name) if name in names else len(names) + sum(map(ord, str(name))) % 5
+
+
+def _color(name) -> str:
+    """One colour per named strategy in every figure (the order of profiles.STRATEGIES)."""
+    return f"C{_order(name) % 10}"
+
+
+def _in_strategy_order(items):
+    return sorted(items, key=lambda kv: (_order(kv[0]), str(kv[0])))
 
 
 def _curves(curves):
@@ -280,9 +296,9 @@ def fig_accuracy_vs_epoch(curves, np_):
     """Test accuracy after each epoch at one np, one line per run, coloured by strategy."""
     with style():
         fig, (ax,) = _new()
-        for i, (sync, eps) in enumerate(_curves(curves).items()):
+        for sync, eps in _in_strategy_order(_curves(curves).items()):
             for j, ep in enumerate(eps):
-                ax.plot(ep["epoch"], 100 * ep["test_acc"], marker="o", color=f"C{i}", alpha=0.85,
+                ax.plot(ep["epoch"], 100 * ep["test_acc"], marker="o", color=_color(sync), alpha=0.85,
                         label=sync if j == 0 else None)
         ax.axhline(10, color="0.6", lw=0.8, ls=":", label="chance (10%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -301,11 +317,11 @@ def fig_diagnostics(curves, np_):
             ("grad_norm", "mean gradient norm")]
     with style():
         fig, axes = _new(ncols=3, width=13)
-        for i, (sync, eps) in enumerate(_curves(curves).items()):
+        for sync, eps in _in_strategy_order(_curves(curves).items()):
             for j, ep in enumerate(eps):
                 for ax, (c, _) in zip(axes, cols):
                     if c in ep:
-                        ax.plot(ep["epoch"], ep[c], marker="o", color=f"C{i}", alpha=0.85,
+                        ax.plot(ep["epoch"], ep[c], marker="o", color=_color(sync), alpha=0.85,
                                 label=sync if j == 0 else None)
         for ax, (_, label) in zip(axes, cols):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))

@@ -82,8 +82,9 @@ class Context:
     def save_figure(self, fig, name: str, run_ids=None, **extra):
         from .figures import save_figure
 
-        if self.missing:  # a partial study says so on the figure itself, not only in the sidecar
-            fig.text(0.01, 0.005, self.title_note().strip(), fontsize=7, color="0.35", ha="left", va="bottom")
+        if self.title_note():  # a reduced or partial study says so on the figure, not only in the sidecar
+            for ax in fig.axes[:1]:
+                ax.set_title(ax.get_title() + "\n" + self.title_note().strip(), fontsize=ax.title.get_fontsize())
         return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra), run_ids=run_ids)
 
     def title_note(self) -> str:
