@@ -20,7 +20,7 @@ STRATEGIES = {
     # synchronous SGD, lr scaled by sqrt(N) over a 2-epoch linear warmup, then cosine decay to 0;
     # no ReLU between conv10 and the softmax; no dropout (10 epochs leave the model underfit).
     BEST: {"sync": "allreduce", "lr_scaling": "sqrt", "warmup_epochs": 2.0, "lr_schedule": "cosine",
-                "final_relu": False, "dropout": 0.0},
+           "final_relu": False, "dropout": 0.0},
 }
 # The RunConfig fields a strategy may set; any it leaves out must be at their defaults.
 STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_schedule", "final_relu", "dropout",

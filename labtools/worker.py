@@ -42,7 +42,7 @@ class Worker:
         self.b = cfg.batch_per_rank
         self.xtr, self.ytr, self.xte, self.yte = xtr, ytr, xte, yte
         self.shards = {r: D.shard_indices(len(ytr), world, r) for r in self.ranks}
-        self.all_shard_sizes = np.array([len(range(r, len(ytr), world)) for r in range(world)])
+        self.all_shard_sizes = np.array([len(D.shard_indices(len(ytr), world, r)) for r in range(world)])
         # Every process derives the same step count without talking: the largest shard decides.
         self.steps_per_epoch = math.ceil(math.ceil(len(ytr) / world) / self.b)
         self.inject = tuple(int(s) for s in cfg.inject_failure.split(":")) if cfg.inject_failure else None
