@@ -42,7 +42,16 @@ def _set_threads(n: int) -> None:
         tf.config.threading.set_intra_op_parallelism_threads(n)
         tf.config.threading.set_inter_op_parallelism_threads(1 if n == 1 else 2)
     except RuntimeError:
-        pass  # TensorFlow already initialised in this process (e.g. a reused notebook engine)
+        # TensorFlow is already initialised in this process (a reused notebook engine, a test
+        # session): its pools cannot change. Say so when that is not what was asked: results with
+        # more intra-op threads differ in round-off (e.g. 1e-4 of the weights after 32 Adam steps).
+        have = tf.config.threading.get_intra_op_parallelism_threads()
+        if have != n:
+            import warnings
+
+            now = str(have) if have else "the default (all cores)"
+            warnings.warn(f"TensorFlow already runs with {now} intra-op threads in this process; "
+                          f"{n} requested takes effect only in a fresh process", RuntimeWarning, stacklevel=2)
 
 
 def _prepare(cfg: RunConfig, comm: Comm):

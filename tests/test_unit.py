@@ -249,3 +249,16 @@ def test_new_fields_keep_old_science_keys():
     cfg = RunConfig()
     assert cfg.replace(**{k: v for k, v in ADDED_LATER.items()}).science_key() == cfg.science_key()
     assert cfg.replace(lr_schedule="cosine").science_key() != cfg.science_key()
+
+
+def test_thread_request_after_tf_started_is_not_silently_ignored():
+    """TF's pools are fixed once it runs (conftest pins 1 thread): asking for another count warns."""
+    import warnings
+
+    from labtools.train import _set_threads
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _set_threads(1)  # what this process already has: nothing to say
+    with pytest.warns(RuntimeWarning, match="fresh process"):
+        _set_threads(2)
