@@ -123,6 +123,8 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     for r in w.ranks:
         _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples")
 
+    # Dead channels at initialisation (before any step): how close a seed starts to the collapse.
+    init_diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
     rank_rows = {}  # root only: every logical rank's epoch rows, as gathered
     epoch_rows = []
     train_wall = 0.0
@@ -200,6 +202,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
             "global_wall_s": global_wall, "cluster_wall_time": manifest["cluster_wall_time"],
             "collapsed": bool(last["collapsed"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
+            **{f"init_{k}": v for k, v in init_diag.items()},
             "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
             "eval_s": sum(r["eval_s"] for r in epoch_rows),
             "final_weight_digests": {str(r): h for part in digests for r, h in part.items()},

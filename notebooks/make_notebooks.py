@@ -161,13 +161,18 @@ collapse = ctx.ensure(collapse_plan, "collapse frequency")'''),
                 and r.cfg_final_relu == v.get("final_relu", True) and r.cfg_conv10_init == v.get("conv10_init", "keras"))
 
 if len(collapse):
-    tc = (collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
-          .groupby(["world", "variant"])
+    if "init_dead_conv10_frac" not in collapse:  # records made before the init probe existed
+        collapse["init_dead_conv10_frac"] = float("nan")
+    collapse = collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
+    tc = (collapse.groupby(["world", "variant"])
           .agg(runs=("run_id", "count"), collapsed=("collapsed", "sum"), test_acc_pct_mean=("test_acc_pct", "mean"),
-               test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"))
+               test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"),
+               init_dead_conv10_frac_mean=("init_dead_conv10_frac", "mean"))
           .reset_index())
     tc.attrs["run_ids"] = sorted(collapse.run_id)
     ctx.save_table(tc, "table_collapse_frequency")
+    ctx.save_figure(figures.fig_collapse_runs(collapse, variant), "fig_collapse_runs",
+                    run_ids=sorted(collapse.run_id))
 else:
     tc = None
     display(Markdown("No collapse run is in the results store yet, so there is no collapse table."))
@@ -200,6 +205,10 @@ if tc is None:
 elif len(coll):
     lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
+    init = collapse.dropna(subset=["init_dead_conv10_frac"]).groupby("collapsed").init_dead_conv10_frac.mean()
+    if len(init) == 2:  # both outcomes seen with the init probe recorded
+        lines.append(f"At initialisation, runs that went on to collapse had {init[True]:.2f} of their conv10 channels "
+                     f"already dead on the probe batch, runs that trained {init[False]:.2f}.")
 else:
     lines.append("No run at np = 1 or 2 collapsed with any preprocessing tried.")
 display(Markdown(" ".join(lines) + ctx.title_note()))'''),

@@ -74,3 +74,12 @@ def test_average_implementations_agree(cifar_dir, tmp_path):
     assert rel_diff(a, b) < TOL, rel_diff(a, b)
     c, _ = _weights(tmp_path, "one", cifar_dir, np=1, ranks_per_node=1, batch_per_node=12)
     assert rel_diff(a, c) > 1e-3  # averaging 4 ranks is not the same as 1 rank
+
+
+def test_diagnostics_observe_without_changing_training(cifar_dir, tmp_path):
+    """The dead-ReLU probes (at initialisation and after each epoch) must not perturb the run."""
+    a, sa = _weights(tmp_path, "diag", cifar_dir, np=2, diagnostics=True)
+    b, sb = _weights(tmp_path, "nodiag", cifar_dir, np=2, diagnostics=False)
+    assert np.array_equal(a, b)
+    assert 0.0 <= sa["init_dead_conv10_frac"] <= 1.0 and 0.0 <= sa["init_dead_relu_frac"] <= 1.0
+    assert "init_dead_conv10_frac" not in sb

@@ -31,7 +31,7 @@ def test_every_notebook_executed(smoke):
 EXPECTED_TABLES = ["table1_batch_sweep", "table2_strong_scaling", "table_collapse_frequency", "table_sync_strategies"]
 EXPECTED_FIGURES = ["quickstart_rank_log", "fig04_05_batch_sweep", "fig06_rank_log_np2", "fig07_rank_log_np4",
                     "fig08_speedup", "fig09_efficiency", "fig10_train_accuracy", "fig11_total_time",
-                    "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np"]
+                    "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np", "fig_collapse_runs"]
 
 
 def test_tables_and_figures_exist_with_provenance(smoke):
