@@ -205,10 +205,14 @@ if tc is None:
 elif len(coll):
     lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
-    init = collapse.dropna(subset=["init_dead_conv10_frac"]).groupby("collapsed").init_dead_conv10_frac.mean()
-    if len(init) == 2:  # both outcomes seen with the init probe recorded
-        lines.append(f"At initialisation, runs that went on to collapse had {init[True]:.2f} of their conv10 channels "
-                     f"already dead on the probe batch, runs that trained {init[False]:.2f}.")
+    # Dead channels at initialisation differ by option (conv10 init), so compare outcomes within an option.
+    known = collapse.dropna(subset=["init_dead_conv10_frac"])
+    both = known.groupby("variant").filter(lambda g: g.collapsed.nunique() == 2)
+    if len(both):
+        init = both.groupby("collapsed").init_dead_conv10_frac.mean()
+        lines.append(f"Within the options where some seeds collapsed and others trained ({', '.join(sorted(set(both.variant)))}), "
+                     f"the runs that collapsed started with {init[True]:.2f} of their conv10 channels dead on the probe "
+                     f"batch, those that trained with {init[False]:.2f}.")
 else:
     lines.append("No run at np = 1 or 2 collapsed with any preprocessing tried.")
 display(Markdown(" ".join(lines) + ctx.title_note()))'''),
