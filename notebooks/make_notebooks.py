@@ -210,7 +210,7 @@ elif len(coll):
     both = known.groupby("variant").filter(lambda g: g.collapsed.nunique() == 2)
     if len(both):
         init = both.groupby("collapsed").init_dead_conv10_frac.mean()
-        lines.append(f"Within the options where some seeds collapsed and others trained ({', '.join(sorted(set(both.variant)))}), "
+        lines.append(f"Within the options where some runs collapsed and others trained ({', '.join(sorted(set(both.variant)))}), "
                      f"the runs that collapsed started with {init[True]:.2f} of their conv10 channels dead on the probe "
                      f"batch, those that trained with {init[False]:.2f}.")
 else:
