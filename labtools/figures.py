@@ -334,30 +334,38 @@ def fig_diagnostics(curves, np_):
 
 
 def fig_collapse_runs(runs_df, variant_of):
-    """The collapse run by run: dead conv10 channels from initialisation (epoch 0) to the end, and
-    final test accuracy against the fraction dead at initialisation. ``variant_of(row)`` names a run's
+    """The collapse run by run: dead conv10 channels and dead ReLU channels below conv10 from
+    initialisation (epoch 0) to the end (without the final ReLU, a collapse shows in the layers
+    below), and final test accuracy against the conv10 fraction dead at initialisation. ``variant_of(row)`` names a run's
     option set. Records made before the init probe lack epoch 0 and the right-hand point."""
     with style():
-        fig, (a0, a1) = _new(ncols=2, width=11)
+        fig, (a0, ab, a1) = _new(ncols=3, width=15)
         variants = sorted({variant_of(r) for r in runs_df.itertuples()})
         colors = {v: f"C{i}" for i, v in enumerate(variants)}
         for r in runs_df.sort_values("run_id").itertuples():
             ep = results.load_epochs(r.run_dir)
             init = getattr(r, "init_dead_conv10_frac", float("nan"))
-            x, y = list(ep["epoch"]), list(ep["dead_conv10_frac"])
-            if init == init:  # not NaN
-                x, y = [0] + x, [init] + y
-            a0.plot(x, y, color="C3" if r.collapsed else "C0", alpha=0.6, marker="o", ms=3)
+            c = "C3" if r.collapsed else "C0"
+            for ax, col in ((a0, "dead_conv10_frac"), (ab, "dead_relu_frac")):
+                x, y = list(ep["epoch"]), list(ep[col])
+                start = getattr(r, f"init_{col}", float("nan"))
+                if start == start:  # not NaN
+                    x, y = [0] + x, [start] + y
+                ax.plot(x, y, color=c, alpha=0.6, marker="o", ms=3)
             # fractions come in steps of 0.1: offset each variant a little so equal points stay visible
             dx = 0.012 * (variants.index(variant_of(r)) - (len(variants) - 1) / 2)
             a1.scatter(init + dx, 100 * r.test_acc, color=colors[variant_of(r)],
                        marker="o" if r.world == 1 else "s", alpha=0.8, edgecolor="none")
         a0.plot([], [], color="C3", label="collapsed (test loss ln 10)")
         a0.plot([], [], color="C0", label="trained")
-        a0.xaxis.set_major_locator(MaxNLocator(integer=True))
-        a0.set_xlabel("epoch (0 = initialisation)")
+        for ax in (a0, ab):
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            ax.set_xlabel("epoch (0 = initialisation)")
+            ax.set_ylim(-0.03, 1.03)
         a0.set_ylabel("dead conv10 channels (fraction of 10, probe batch)")
         a0.set_title("Dead conv10 channels per epoch, one line per run")
+        ab.set_ylabel("dead ReLU channels below conv10 (fraction)")
+        ab.set_title("... and in the layers below")
         _legend(a0)
         for v in variants:
             a1.scatter([], [], color=colors[v], label=v)
@@ -366,7 +374,6 @@ def fig_collapse_runs(runs_df, variant_of):
                 a1.scatter([], [], color="0.4", marker=m, label=f"np = {n}")
         a1.axhline(10, color="0.6", lw=0.8, ls=":")
         a1.set_xlim(-0.06, 1.06)
-        a0.set_ylim(-0.03, 1.03)
         a1.set_xlabel("dead conv10 channels at initialisation (fraction)")
         a1.set_ylabel("test accuracy after the last epoch (%)")
         a1.set_title("Outcome against the start, one point per run")

@@ -163,11 +163,12 @@ collapse = ctx.ensure(collapse_plan, "collapse frequency")'''),
 if len(collapse):
     if "init_dead_conv10_frac" not in collapse:  # records made before the init probe existed
         collapse["init_dead_conv10_frac"] = float("nan")
-    collapse = collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()])
+    collapse = collapse.assign(test_acc_pct=100 * collapse.test_acc, variant=[variant(r) for r in collapse.itertuples()],
+                               dead_below_frac=[results.load_epochs(d).dead_relu_frac.iloc[-1] for d in collapse.run_dir])
     tc = (collapse.groupby(["world", "variant"])
           .agg(runs=("run_id", "count"), collapsed=("collapsed", "sum"), test_acc_pct_mean=("test_acc_pct", "mean"),
                test_acc_pct_std=("test_acc_pct", "std"), dead_conv10_frac_mean=("dead_conv10_frac", "mean"),
-               init_dead_conv10_frac_mean=("init_dead_conv10_frac", "mean"))
+               dead_below_frac_mean=("dead_below_frac", "mean"), init_dead_conv10_frac_mean=("init_dead_conv10_frac", "mean"))
           .reset_index())
     tc.attrs["run_ids"] = sorted(collapse.run_id)
     ctx.save_table(tc, "table_collapse_frequency")
@@ -205,6 +206,10 @@ if tc is None:
 elif len(coll):
     lines.append("Collapses at small np occurred for " + "; ".join(sorted(set(coll.variant)))
                  + f" (mean dead conv10 fraction {coll.dead_conv10_frac_mean.mean():.2f}), so collapse does not need small shards.")
+    below = collapse.groupby("collapsed").dead_below_frac.mean()
+    if len(below) == 2:
+        lines.append(f"Below conv10, the collapsed runs ended with {below[True]:.2f} of their ReLU channels dead, "
+                     f"the runs that trained with {below[False]:.2f}.")
     # Dead channels at initialisation differ by option (conv10 init), so compare outcomes within an option.
     known = collapse.dropna(subset=["init_dead_conv10_frac"])
     both = known.groupby("variant").filter(lambda g: g.collapsed.nunique() == 2)
