@@ -336,8 +336,8 @@ def fig_diagnostics(curves, np_):
 def fig_collapse_runs(runs_df, variant_of):
     """The collapse run by run: dead conv10 channels and dead ReLU channels below conv10 from
     initialisation (epoch 0) to the end (without the final ReLU, a collapse shows in the layers
-    below), and final test accuracy against the conv10 fraction dead at initialisation. ``variant_of(row)`` names a run's
-    option set. Records made before the init probe lack epoch 0 and the right-hand point."""
+    below), and final test accuracy against the conv10 fraction dead at initialisation.
+    ``variant_of(row)`` names a run's option set. Records made before the init probe lack epoch 0."""
     with style():
         fig, (a0, ab, a1) = _new(ncols=3, width=15)
         variants = sorted({variant_of(r) for r in runs_df.itertuples()})

@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 tf.config.threading.set_intra_op_parallelism_threads(1)
 tf.config.threading.set_inter_op_parallelism_threads(1)
 tf.constant(0.0) + 0.0  # start TF now, so no later call can change the pools
+
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[1]
 
