@@ -344,7 +344,6 @@ def fig_collapse_runs(runs_df, variant_of):
         colors = {v: f"C{i}" for i, v in enumerate(variants)}
         for r in runs_df.sort_values("run_id").itertuples():
             ep = results.load_epochs(r.run_dir)
-            init = getattr(r, "init_dead_conv10_frac", float("nan"))
             c = "C3" if r.collapsed else "C0"
             for ax, col in ((a0, "dead_conv10_frac"), (ab, "dead_relu_frac")):
                 x, y = list(ep["epoch"]), list(ep[col])
@@ -354,7 +353,7 @@ def fig_collapse_runs(runs_df, variant_of):
                 ax.plot(x, y, color=c, alpha=0.6, marker="o", ms=3)
             # fractions come in steps of 0.1: offset each variant a little so equal points stay visible
             dx = 0.012 * (variants.index(variant_of(r)) - (len(variants) - 1) / 2)
-            a1.scatter(init + dx, 100 * r.test_acc, color=colors[variant_of(r)],
+            a1.scatter(getattr(r, "init_dead_conv10_frac", float("nan")) + dx, 100 * r.test_acc, color=colors[variant_of(r)],
                        marker="o" if r.world == 1 else "s", alpha=0.8, edgecolor="none")
         a0.plot([], [], color="C3", label="collapsed (test loss ln 10)")
         a0.plot([], [], color="C0", label="trained")
