@@ -33,10 +33,11 @@ LABELS = {
     "mean_train_loss": "mean train loss", "mean_train_acc_pct": "mean train acc (%)",
     "wall_s": "wall time, slowest rank (s)", "speedup": "speedup S", "efficiency_pct": "efficiency E (%)",
     "base_np": "base np", "collapsed": "collapsed runs", "n_runs": "n runs", "wall_time_kind": "wall time kind",
+    "paper_test_acc_pct": "paper test acc (%)", "paper_test_loss": "paper test loss",
 }
 DECIMALS = {"avg_epoch_s": 2, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
             "test_acc_pct": 2, "test_loss": 4, "mean_train_loss": 4, "mean_train_acc_pct": 2, "wall_s": 2,
-            "speedup": 3, "efficiency_pct": 2}
+            "speedup": 3, "efficiency_pct": 2, "paper_test_acc_pct": 2, "paper_test_loss": 4}
 
 
 def _check_one_protocol(runs, vary=()):
@@ -235,4 +236,25 @@ def strategy_table(runs_df, strategy):
     t = t.merge(r.groupby(keys).agg(collapsed=("collapsed", "sum")).reset_index(), on=keys)
     t = t.sort_values(keys).reset_index(drop=True)
     t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    return t
+
+
+def strategy_vs_paper(strategy_df):
+    """One strategy beside the paper's Table 2 test accuracy and loss. ``strategy_df`` is
+    ``strategy_table`` of that strategy's runs alone, so its run_ids are exactly the runs shown.
+
+    Every np of either side gets a row: an np we have not run shows blanks on our side (n runs 0),
+    never an interpolated value."""
+    from . import paper
+
+    if strategy_df["strategy"].nunique() > 1:
+        raise ValueError("strategy_vs_paper: pass the rows of one strategy, got "
+                         + ", ".join(sorted(strategy_df["strategy"].unique())))
+    ours = strategy_df[["np", "test_acc_pct_mean", "test_acc_pct_std", "test_loss_mean", "test_loss_std",
+                        "n_runs", "collapsed"]]
+    theirs = paper.table2()[["np", "test_acc_pct", "test_loss"]].rename(
+        columns={"test_acc_pct": "paper_test_acc_pct", "test_loss": "paper_test_loss"})
+    t = ours.merge(theirs, on="np", how="outer").sort_values("np").reset_index(drop=True)
+    t[["n_runs", "collapsed"]] = t[["n_runs", "collapsed"]].fillna(0).astype(int)
+    t.attrs["run_ids"] = list(strategy_df.attrs.get("run_ids", []))
     return t

@@ -188,6 +188,14 @@ runs["strategy"] = [strategy_of({k[4:]: v for k, v in r.items() if k.startswith(
     ("code", '''ts = tables.strategy_table(runs, runs["strategy"])
 ctx.save_table(ts, "table_sync_strategies")
 tables.display_frame(ts)'''),
+    ("code", '''# The paper's own sync next to the paper's Table 2: where it collapses here and where it does not.
+paper_sync = "epoch-average (paper)"
+ea = runs[runs.strategy == paper_sync]
+tp = tables.strategy_vs_paper(tables.strategy_table(ea, ea["strategy"])) if len(ea) else None
+if tp is not None:
+    ctx.save_table(tp, "table_epoch_average_vs_paper")
+    display(Markdown(f"`{paper_sync}` here (test accuracy mean ± std over seeds, collapsed runs) beside the paper's Table 2:"))
+    display(tables.display_frame(tp))'''),
     ("code", '''ctx.save_figure(figures.fig_strategy_accuracy(ts), "fig_sync_accuracy_vs_np", run_ids=ts.attrs["run_ids"])
 n_max = max(p["nps"])
 big = runs[runs.world == n_max]
@@ -220,6 +228,11 @@ elif len(coll):
                      f"batch, those that trained with {init[False]:.2f}.")
 else:
     lines.append("No run at np = 1 or 2 collapsed with any preprocessing tried.")
+if tp is not None:
+    pct = lambda v: "not in the paper" if pd.isna(v) else f"{v:.1f}%"
+    lines.append(f"`{paper_sync}` here against the paper's Table 2, mean test accuracy (collapsed/runs): "
+                 + "; ".join(f"np={r.np}: {r.test_acc_pct_mean:.1f}% ({r.collapsed}/{r.n_runs}) vs {pct(r.paper_test_acc_pct)}"
+                             for r in tp[tp.n_runs > 0].itertuples()) + ".")
 display(Markdown(" ".join(lines) + ctx.title_note()))'''),
 ]
 

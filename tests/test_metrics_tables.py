@@ -144,6 +144,23 @@ def test_table2_equals_direct_computation(store):
     assert math.isnan(t.loc[t["np"] == 16, "speedup_std"].iloc[0])  # one repeat: no spread claimed
 
 
+def test_strategy_beside_paper_table2(store):
+    runs = results.load_runs(store, "scaling")
+    ts = tables.strategy_table(runs, ["epoch-average (paper)"] * len(runs))
+    t = tables.strategy_vs_paper(ts).set_index("np")
+    ref = paper.table2().set_index("np")
+    assert list(t.index) == list(ref.index)  # every np of the paper, ours or not
+    assert (t.paper_test_acc_pct == ref.test_acc_pct).all() and (t.paper_test_loss == ref.test_loss).all()
+    for n, sel in runs.groupby("world"):
+        assert t.loc[n, "test_acc_pct_mean"] == pytest.approx(100 * sel.test_acc.mean())
+        assert t.loc[n, "n_runs"] == len(sel) and t.loc[n, "collapsed"] == int(sel.collapsed.sum())
+    unrun = t.loc[[24, 32, 40, 48]]
+    assert (unrun.n_runs == 0).all() and unrun.test_acc_pct_mean.isna().all()
+    assert t.attrs["run_ids"] == sorted(runs.run_id)
+    with pytest.raises(ValueError, match="one strategy"):
+        tables.strategy_vs_paper(tables.strategy_table(runs, ["a", "b"] * (len(runs) // 2) + ["a"] * (len(runs) % 2)))
+
+
 def test_table_refuses_mixed_protocols(store):
     _write_run(store, "scaling", 4, 4, 7, sync="allreduce")
     with pytest.raises(ValueError, match="cfg_sync"):

@@ -28,7 +28,8 @@ def test_every_notebook_executed(smoke):
         assert not errors, (n, errors)
 
 
-EXPECTED_TABLES = ["table1_batch_sweep", "table2_strong_scaling", "table_collapse_frequency", "table_sync_strategies"]
+EXPECTED_TABLES = ["table1_batch_sweep", "table2_strong_scaling", "table_collapse_frequency", "table_sync_strategies",
+                  "table_epoch_average_vs_paper"]
 EXPECTED_FIGURES = ["quickstart_rank_log", "fig04_05_batch_sweep", "fig06_rank_log_np2", "fig07_rank_log_np4",
                     "fig08_speedup", "fig09_efficiency", "fig10_train_accuracy", "fig11_total_time",
                     "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np", "fig_collapse_runs"]
