@@ -7,7 +7,8 @@ Times, in a tight loop on real CIFAR-10 images (ms per step, mean over repeats, 
 - allreduce_step: the fused synchronous step labtools runs (pack, in-place Allreduce, unpack, Adam);
 - allreduce_step_no_comm: the same graph with the Allreduce replaced by identity (pack/unpack only);
 - allreduce_only: MPI Allreduce of the gradient buffer alone (in place).
-The root writes bench/results/allreduce_step_breakdown.json.
+The root writes bench/results/allreduce_step_breakdown_p<P>.json (one file per process count,
+so a run at another P does not overwrite the committed P = 2 measurement).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=400)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "allreduce_step_breakdown.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/allreduce_step_breakdown_p<P>.json")
     a = ap.parse_args()
 
     from labtools import data as D, provenance, results
@@ -83,7 +84,8 @@ def main():
                                 "pack_unpack_only": 100 * (ms["allreduce_step_no_comm"] - base) / base,
                                 "allreduce_only": 100 * ms["allreduce_only"] / base},
                **provenance.sidecar()}
-        results.write_json(a.out, out)
+        path = a.out or ROOT / "bench" / "results" / f"allreduce_step_breakdown_p{comm.size}.json"
+        results.write_json(path, out)
         print({k: round(v, 3) for k, v in ms.items()}, {k: round(v, 1) for k, v in out["overhead_pct"].items()})
 
 
