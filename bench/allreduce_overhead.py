@@ -1,7 +1,8 @@
 """Benchmark: per-step cost of `allreduce` (gradient Allreduce every step) vs `epoch-average`.
 
-Runs `mpiexec -n 2 labtools train` for each strategy on the same real CIFAR-10 subset, takes the
-mean step time of the warm epochs from the per-rank records, and writes JSON:
+Runs `mpiexec -n P labtools train` for each strategy on the same real CIFAR-10 subset, takes the
+mean step time of the warm epochs from the per-rank records, and writes
+bench/results/allreduce_overhead_p<P>.json:
 
     python bench/allreduce_overhead.py [--processes 2] [--steps 400] [--epochs 3] [--repeats 2]
 """
@@ -27,7 +28,7 @@ def main():
     ap.add_argument("--steps", type=int, default=400, help="steps per rank per epoch")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "allreduce_overhead.json"))
+    ap.add_argument("--out", default=None, help="default: bench/results/allreduce_overhead_p<P>.json")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-")
     runner = MpiexecRunner()
@@ -46,7 +47,8 @@ def main():
     out = {"mean_step_s": {"epoch-average": ea, "allreduce": ar}, "per_repeat": per,
            "allreduce_overhead_pct": 100 * (ar - ea) / ea, "processes": a.processes, "steps_per_epoch": a.steps,
            "warm_epochs": a.epochs - 1, "batch_per_rank": 12, **provenance.sidecar()}
-    results.write_json(a.out, out)
+    # one file per process count, so a run at another P does not overwrite the P = 2 measurement
+    results.write_json(a.out or ROOT / "bench" / "results" / f"allreduce_overhead_p{a.processes}.json", out)
     print(json.dumps({k: out[k] for k in ("mean_step_s", "allreduce_overhead_pct")}, indent=1))
 
 
