@@ -22,7 +22,7 @@ OPTIMIZERS = ("adam", "sgd")
 
 # Fields added after records existed: left out of science_key at their default, so the keys of
 # earlier runs (which computed the same thing) stay valid and the results store keeps reusing them.
-ADDED_LATER = {"lr_schedule": "constant"}
+ADDED_LATER = {"lr_schedule": "constant", "val_split": 0}
 
 
 class ConfigError(ValueError):
@@ -49,6 +49,8 @@ class RunConfig:
     shuffle: bool = _opt(False, "reshuffle inside each rank's shard every epoch (the paper: fixed order)")
     limit_train: int | None = _opt(None, "use only the first K training images (quick runs)")
     limit_test: int | None = _opt(None, "use only the first K test images (quick runs)")
+    val_split: int = _opt(0, "hold out the last K training images as a validation set: excluded from every shard, "
+                          "evaluated instead of the test set (model selection; the paper: 0)")
     # --- optimizer ---
     optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
     momentum: float = _opt(0.9, "momentum for --optimizer sgd")
@@ -108,6 +110,8 @@ class RunConfig:
             raise ConfigError("--sync-every and --warmup-epochs must not be negative.")
         if self.sync == "local-sgd" and self.sync_every == 0:
             raise ConfigError("--sync local-sgd needs --sync-every H (steps between weight averages).")
+        if self.val_split < 0:
+            raise ConfigError(f"--val-split must not be negative; got {self.val_split}.")
         for name in ("limit_train", "limit_test"):
             v = getattr(self, name)
             if v is not None and v < 1:
@@ -139,10 +143,22 @@ class RunConfig:
     def replace(self, **kw) -> "RunConfig":
         return dataclasses.replace(self, **kw)
 
-    def science_key(self) -> str:
-        """Hash of the fields that change what is computed (not where records go or how loud)."""
+    @property
+    def eval_set(self) -> str:
+        """What the run evaluates each epoch: the held-out validation split, or the test set."""
+        return "val" if self.val_split else "test"
+
+    def science_key(self, world: int | None = None) -> str:
+        """Hash of the fields that change what is computed (not where records go or how loud).
+
+        np is resolved to the world size first (``world`` when np is None): `--np 2` and no --np on
+        two processes are the same computation and must share a key.
+        """
+        np_ = self.np if self.np is not None else world
+        if np_ is None:
+            raise ValueError("science_key: np is None and no world size given")
         skip = {"out", "experiment", "run_id", "label", "quiet", "threads", "eval_batch", "cifar_dir"}
-        d = {k: v for k, v in self.to_dict().items()
+        d = {k: v for k, v in {**self.to_dict(), "np": np_}.items()
              if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
 

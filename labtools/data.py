@@ -201,6 +201,13 @@ def load_cifar10(d: str | os.PathLike, train: bool = True, test: bool = True,
     return xtr, ytr, xte, yte
 
 
+def split_validation(x: np.ndarray, y: np.ndarray, k: int):
+    """(x_train, y_train, x_val, y_val): the last k training images held out for model selection."""
+    if not 0 < k < len(y):
+        raise ValueError(f"validation split {k} must be between 1 and {len(y) - 1}")
+    return x[:-k], y[:-k], x[-k:], y[-k:]
+
+
 # ------------------------------------------------------------------ shards
 
 def shard_indices(n: int, world: int, rank: int) -> np.ndarray:

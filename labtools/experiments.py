@@ -1,7 +1,8 @@
 """Sweeps over run configurations that reuse what the results store already holds.
 
-``ensure(plan, runner)`` runs only the (config, P) pairs that have no completed run yet, so a
-rerun of a notebook adds runs instead of repeating them, and an interrupted sweep resumes.
+``ensure(plan, runner)`` runs only the planned runs whose science (config hash with np resolved, and
+numerics that today's code reproduces) has no completed record yet, so a rerun of a notebook adds
+runs instead of repeating them, and an interrupted sweep resumes.
 Tables are always recomputed from the raw records afterwards.
 
 Runners turn (config, P) into a finished run:
@@ -24,49 +25,82 @@ from . import results
 
 @dataclass
 class Planned:
+    """One run a study needs. ``timed``: its wall time is used, so only a record whose wall time is a
+    cluster's (records.CLUSTER) satisfies it; otherwise any P computes the same numbers (tested) and
+    any record of the same science does."""
     cfg: RunConfig
     processes: int
+    timed: bool = False
 
 
-def completed_runs(cfg: RunConfig, processes: int) -> list[Path]:
-    """Completed runs in cfg's experiment folder computed with the same science and the same P."""
-    out = []
-    for d in results.run_dirs(cfg.out, cfg.experiment):
-        m = results.read_json(d / "manifest.json")
-        if m.get("science_key") == cfg.science_key() and m.get("processes") == processes:
-            out.append(d)
-    return out
+class Store:
+    """Index of a results root: science key -> completed runs that today's code would reproduce.
+
+    Reuse ignores the experiment folder and the process count: two records with the same science
+    key computed the same thing (N logical ranks on any P give the same numbers; a test says so).
+    Records whose numerics are stale (records.migrate) are never reused.
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        self.by_key: dict[str, list[tuple[Path, dict]]] = {}
+        self.stale: dict[str, list[Path]] = {}
+        for d in results.run_dirs(self.root):
+            m, _ = results.read_record(d)
+            (self.by_key if m["numerics_current"] else self.stale).setdefault(m["science_key"], []).append(
+                (d, m) if m["numerics_current"] else d)
+
+    def find(self, p: Planned) -> Path | None:
+        """The record that stands for a planned run: cluster-timed if p.timed, then the newest."""
+        cands = [(d, m) for d, m in self.by_key.get(p.cfg.science_key(), []) if not p.timed or m["cluster_wall_time"]]
+        if not cands:
+            return None
+        return max(cands, key=lambda dm: (dm[1].get("end_utc") or "", dm[0].name))[0]
+
+    def stale_for(self, p: Planned) -> list[Path]:
+        return self.stale.get(p.cfg.science_key(), [])
+
+
+def _root(plan: list[Planned]) -> Path:
+    roots = {p.cfg.out for p in plan}
+    if len(roots) != 1:
+        raise ValueError(f"a plan must write to one results root; got {sorted(roots)}")
+    return Path(roots.pop())
 
 
 def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False) -> list[Path]:
-    """Make sure every planned run exists; return all matching run folders (old and new)."""
+    """Make sure every planned run has a record; return one run folder per planned run."""
     from tqdm.auto import tqdm
 
-    todo = [p for p in plan if rerun or not completed_runs(p.cfg, p.processes)]
-    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo)} already in the results store, {len(todo)} to run",
+    if not plan:
+        return []
+    store = Store(_root(plan))
+    todo = [p for p in plan if rerun or store.find(p) is None]
+    n_stale = sum(bool(store.stale_for(p)) for p in todo)
+    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo)} already in the results store, {len(todo)} to run"
+          + (f" ({n_stale} of them have only stale records, made by code that computed differently)" if n_stale else ""),
           flush=True)
     with tqdm(total=len(todo), desc=desc, unit="run") as bar:
         for p in todo:
             bar.set_postfix_str(f"np={p.cfg.np} P={p.processes} seed={p.cfg.seed}")
             s = runner(p.cfg, p.processes)
             bar.update(1)
-            bar.set_postfix_str(f"np={p.cfg.np}: test acc {100 * s['test_acc']:.1f}%, {s['global_wall_s']:.0f}s")
-    dirs = []
-    for p in plan:
-        dirs.extend(completed_runs(p.cfg, p.processes))
-    return sorted(set(dirs))
+            ev = s.get("eval_set", "test")
+            bar.set_postfix_str(f"np={p.cfg.np}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, {s['global_wall_s']:.0f}s")
+    return stored(plan, desc=None)[0]
 
 
-def stored(plan: list[Planned], desc: str = "runs") -> tuple[list[Path], int]:
-    """The completed runs the store holds for a plan, and how many planned runs have none."""
-    dirs, missing = [], 0
-    for p in plan:
-        found = completed_runs(p.cfg, p.processes)
-        missing += not found
-        dirs.extend(found)
-    print(f"{desc}: {len(plan)} planned, {len(plan) - missing} in the results store, {missing} missing "
-          "(not run: run_missing=False)", flush=True)
-    return sorted(set(dirs)), missing
+def stored(plan: list[Planned], desc: str | None = "runs") -> tuple[list[Path], int]:
+    """The record for each planned run the store holds, and how many planned runs have none."""
+    if not plan:
+        return [], 0
+    store = Store(_root(plan))
+    found = [store.find(p) for p in plan]
+    missing = sum(d is None for d in found)
+    if desc:
+        print(f"{desc}: {len(plan)} planned, {len(plan) - missing} in the results store, {missing} missing "
+              "(not run: run_missing=False)", flush=True)
+    return [d for d in found if d is not None], missing
 
 
 def cli_args(cfg: RunConfig) -> list[str]:
@@ -107,8 +141,9 @@ class MpiexecRunner:
         if rc != 0:
             raise RuntimeError(f"`{' '.join(cmd[:4])} ... train` exited {rc} after {time.time() - t0:.0f}s:\n"
                                + "".join(tail[-15:]))
-        runs = completed_runs(cfg, processes)
-        newest = max(runs, key=lambda d: (d / "summary.json").stat().st_mtime)
+        newest = Store(cfg.out).find(Planned(cfg, processes))
+        if newest is None:
+            raise RuntimeError(f"`{' '.join(cmd[:4])} ... train` exited 0 but left no completed record in {cfg.out}")
         return {**json.loads((newest / "summary.json").read_text()), "run_dir": str(newest)}
 
 

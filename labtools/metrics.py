@@ -1,6 +1,26 @@
 """Strong-scaling arithmetic and repeat aggregation, kept separate so tests can check it on the paper's numbers."""
 from __future__ import annotations
 
+import math
+
+LN10 = math.log(10.0)
+COLLAPSE_TOL = 1e-3  # the paper's collapsed state: loss within this of ln 10 (the uniform prediction)
+CHANCE_ACC = 0.11  # at most one point above the 10 % of guessing
+
+
+def is_collapsed(loss) -> bool:
+    """Exact collapse, the paper's criterion: the loss sits at ln 10, |loss - ln 10| < 1e-3."""
+    return bool(abs(float(loss) - LN10) < COLLAPSE_TOL)
+
+
+def is_at_chance(acc, dead_conv10_frac=None, loss=None) -> bool:
+    """At chance: exactly collapsed, or accuracy <= 11 % (within one point of guessing), or every conv10
+    channel dead at the end. A superset of is_collapsed: a run can guess (10.1 %) with a loss that is
+    not exactly ln 10."""
+    dead = dead_conv10_frac is not None and not (isinstance(dead_conv10_frac, float) and math.isnan(dead_conv10_frac))
+    return bool((loss is not None and is_collapsed(loss)) or float(acc) <= CHANCE_ACC
+                or (dead and float(dead_conv10_frac) >= 1.0))
+
 
 def speedup(t_base, t):
     """S = T_base / T (the paper's S_n, relative to its np = 2 baseline)."""

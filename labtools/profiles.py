@@ -22,6 +22,15 @@ STRATEGIES = {
     BEST: {"sync": "allreduce", "lr_scaling": "sqrt", "warmup_epochs": 2.0, "lr_schedule": "cosine",
            "final_relu": False, "dropout": 0.0},
 }
+# The selection study (notebook 04): candidates for np = 48, compared on a validation split only.
+TUNED = {"lr_scaling": "sqrt", "warmup_epochs": 2.0, "lr_schedule": "cosine"}
+SELECTION_CANDIDATES = {
+    "epoch-average (paper)": STRATEGIES["epoch-average (paper)"],
+    "local-sgd H=8": STRATEGIES["local-sgd H=8"],
+    "allreduce": STRATEGIES["allreduce"],
+    "allreduce, sqrt lr, warmup 2, cosine": {"sync": "allreduce", **TUNED},
+    BEST: STRATEGIES[BEST],
+}
 # The RunConfig fields a strategy may set; any it leaves out must be at their defaults.
 STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_schedule", "final_relu", "dropout",
                    "opt_state", "conv10_init", "shuffle", "average_impl")

@@ -74,20 +74,37 @@ def run_dirs(root="results", experiment: str | None = None, completed: bool = Tr
     return [d for d in dirs if not completed or (d / "summary.json").exists()]
 
 
-def load_runs(root="results", experiment: str | None = None):
-    """One row per completed run: flattened config (cfg_*), manifest facts and summary metrics."""
+def read_record(d) -> tuple[dict, dict | None]:
+    """A run folder's (manifest, summary), migrated to today's schema (summary None if not completed)."""
+    from .records import migrate
+
+    d = Path(d)
+    s = read_json(d / "summary.json") if (d / "summary.json").exists() else None
+    m, s2 = migrate(read_json(d / "manifest.json"), s)
+    return m, (s2 if s is not None else None)
+
+
+def load_runs(root="results", experiment: str | None = None, stale: bool = False):
+    """One row per completed run: flattened config (cfg_*), manifest facts and summary metrics.
+
+    Records are migrated (labtools.records.migrate). Runs whose numbers today's code would not
+    reproduce (numerics_current False) are left out unless stale=True. A root that does not exist is
+    an error, not an empty table.
+    """
     import pandas as pd
 
+    base = Path(root) / experiment if experiment else Path(root)
+    if not base.is_dir():
+        raise FileNotFoundError(f"no results folder {base.resolve()}")
     rows = []
     for d in run_dirs(root, experiment):
-        m, s = read_json(d / "manifest.json"), read_json(d / "summary.json")
+        m, s = read_record(d)
+        if not (stale or m["numerics_current"]):
+            continue
         row = {"run_dir": str(d), "run_id": d.name, "experiment": d.parent.name}
         row.update({f"cfg_{k}": v for k, v in m["config"].items()})
-        row.update({k: m[k] for k in ("world", "processes", "cluster_wall_time", "science_key", "git_commit")})
-        if "cores_per_host" in m:  # more processes than cores on any host: times are not a cluster's
-            from collections import Counter
-
-            row["oversubscribed"] = any(n > m["cores_per_host"].get(h, n) for h, n in Counter(m["hosts"]).items())
+        row.update({k: m.get(k) for k in ("world", "processes", "cluster_wall_time", "wall_time_kind", "science_key",
+                                          "git_commit", "numerics_version", "numerics_current", "eval_set")})
         row.update(s)
         rows.append(row)
     return pd.DataFrame(rows)

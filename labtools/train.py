@@ -17,15 +17,16 @@ import numpy as np
 from .comm import Comm, RankFailure, default_threads
 from .config import ConfigError, RunConfig
 from . import data as D
-from . import provenance, results
-
-LN10 = math.log(10.0)
-COLLAPSE_TOL = 1e-3  # test loss within this of ln 10 = the paper's collapsed state
+from . import numerics, provenance, records, results
+from .metrics import is_at_chance, is_collapsed
 
 
 def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
     """World size N for this launch, or ConfigError."""
     world = cfg.np or processes
+    if cfg.val_split and cfg.val_split >= n_train:
+        raise ConfigError(f"--val-split {cfg.val_split} leaves no training images out of {n_train}.")
+    n_train -= cfg.val_split
     if world % processes:
         raise ConfigError(f"--np {world} is not a multiple of the {processes} MPI processes; "
                           f"each process must host the same number of logical ranks.")
@@ -85,14 +86,18 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     comm = comm or Comm()
     path, n_train = _prepare(cfg, comm)
     world = check_world(cfg, comm.size, n_train)
-    cfg = cfg.replace(cifar_dir=path)
+    cfg = cfg.replace(cifar_dir=path, np=world)  # np resolved: the science key is the same with or without --np
+    eset = cfg.eval_set  # "test", or "val" when a validation split is held out
     _set_threads(cfg.threads or default_threads(comm))
 
     from .monitor import Monitor
     from .sync import make_strategy
     from .worker import Worker
 
-    xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=cfg.limit_train, limit_test=cfg.limit_test)
+    xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+                                        test=not cfg.val_split)
+    if cfg.val_split:  # selection runs never see the test set
+        xtr, ytr, xte, yte = D.split_validation(xtr, ytr, cfg.val_split)
     w = Worker(cfg, comm, world, xtr, ytr, xte, yte)
     strategy = make_strategy(cfg)
 
@@ -106,17 +111,20 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     run_dir = Path(comm.bcast(str(run_dir) if run_dir else None))
     hosts = comm.gather(comm.host)
     cores = comm.gather((comm.host, os.cpu_count()))
-    # A wall time is a cluster's only with one process per rank and no more processes than cores.
-    oversubscribed = bool(cores) and any(hosts.count(h) > c for h, c in dict(cores).items())
+    # Decided here, once; every table and figure only reads it.
+    time_kind = records.wall_time_kind(world, comm.size, hosts, dict(cores) if cores else None) if comm.is_root else None
     manifest = {
         "config": {**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
                    "out": provenance.portable_path(cfg.out)}, "world": world, "processes": comm.size, "ranks_per_process": w.k,
-        "cluster_wall_time": world == comm.size and not oversubscribed, "hosts": hosts,
+        "wall_time_kind": time_kind, "cluster_wall_time": time_kind == records.CLUSTER, "hosts": hosts,
         "cores_per_host": dict(cores) if cores else None, "science_key": cfg.science_key(),
         "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
         "versions": provenance.versions(), "host": provenance.host(), "start_utc": provenance.utc_now(),
         "n_train": len(ytr), "n_test": len(yte), "steps_per_epoch": w.steps_per_epoch,
-        "seed": cfg.seed, "status": "running",
+        "seed": cfg.seed, "status": "running", "eval_set": eset, "n_eval": len(yte),
+        "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
+        # Other load on the machine while the run went: wall times beside other jobs are not benchmarks.
+        "load_avg_start": list(os.getloadavg()),
     }
     if comm.is_root:
         results.write_json(run_dir / "manifest.json", manifest)
@@ -160,15 +168,16 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
                 if comm.is_root:
                     flat = [row for part in all_rows for row in part.values()]
                     n_all = sum(x["samples"] for x in flat)
-                    test_loss, test_acc = tl / len(yte), tc / len(yte)
+                    ev_loss, ev_acc = tl / len(yte), tc / len(yte)
                     er = {
-                        "epoch": epoch + 1, "test_loss": test_loss, "test_acc": test_acc,
+                        "epoch": epoch + 1, f"{eset}_loss": ev_loss, f"{eset}_acc": ev_acc,
                         "mean_train_loss": sum(x["train_loss"] for x in flat) / len(flat),
                         "mean_train_acc": sum(x["train_acc"] for x in flat) / len(flat),
                         "global_img_per_s": n_all / max(slow, 1e-9), "epoch_wall_s": slow,
                         "sync_s": info["sync_s"], "syncs": info["syncs"], "weight_divergence": info["divergence"],
                         "grad_norm": sum(x["grad_norm"] for x in flat) / len(flat), "eval_s": t_eval,
-                        "lr": w._lr_now, "collapsed": abs(test_loss - LN10) < COLLAPSE_TOL, **diag,
+                        "lr": w._lr_now, "collapsed": is_collapsed(ev_loss),
+                        "at_chance": is_at_chance(ev_acc, diag.get("dead_conv10_frac"), ev_loss), **diag,
                     }
                     epoch_rows.append(er)
                     results.write_csv(run_dir / "epochs.csv", epoch_rows)
@@ -176,8 +185,8 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
                         rank_rows.setdefault(row["rank"], []).append(row)
                     for r, rr in rank_rows.items():
                         results.write_csv(run_dir / "ranks" / f"rank_{r:03d}.csv", rr)
-                    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} test_acc={test_acc:.4f} "
-                              f"test_loss={test_loss:.4f} wall={slow:.2f}s"
+                    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={ev_acc:.4f} "
+                              f"{eset}_loss={ev_loss:.4f} wall={slow:.2f}s"
                               + (f" dead_conv10={diag['dead_conv10_frac']:.2f}" if diag else ""))
     except BaseException as e:
         if comm.is_root:
@@ -198,10 +207,10 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         summary = {
             "world": world, "processes": comm.size, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
             "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
-            "test_acc": last["test_acc"], "test_loss": last["test_loss"],
+            f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
             "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
             "global_wall_s": global_wall, "cluster_wall_time": manifest["cluster_wall_time"],
-            "collapsed": bool(last["collapsed"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
+            "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
             **{f"init_{k}": v for k, v in init_diag.items()},
             "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
             "eval_s": sum(r["eval_s"] for r in epoch_rows),
@@ -209,14 +218,16 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         }
         _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
         _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
-        _say(cfg, f"[Root] Test acc: {summary['test_acc']:.4f} | Test loss: {summary['test_loss']:.4f}")
-        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now()})
+        _say(cfg, f"[Root] {'Test' if eset == 'test' else 'Validation'} acc: {summary[f'{eset}_acc']:.4f} | "
+                  f"{'Test' if eset == 'test' else 'Validation'} loss: {summary[f'{eset}_loss']:.4f}")
+        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now(),
+                                                       "load_avg_end": list(os.getloadavg())})
         results.append_csv_row(Path(cfg.out) / cfg.experiment / "scaling_results.csv", {
             "world": world, "epochs": cfg.epochs, "batch_per_node": cfg.batch_per_node,
             "batch_per_rank": cfg.batch_per_rank, "mean_train_loss": f"{summary['mean_train_loss']:.4f}",
             "mean_train_acc_pct": f"{100 * summary['mean_train_acc']:.2f}", "global_time_sec": f"{global_wall:.2f}",
-            "cifar_dir": provenance.portable_path(path), "test_acc_pct": f"{100 * summary['test_acc']:.2f}",
-            "test_loss": f"{summary['test_loss']:.4f}", "processes": comm.size, "sync": cfg.sync,
+            "cifar_dir": provenance.portable_path(path), "test_acc_pct": f"{100 * summary['test_acc']:.2f}" if eset == "test" else "",
+            "test_loss": f"{summary['test_loss']:.4f}" if eset == "test" else "", "processes": comm.size, "sync": cfg.sync,
             "seed": cfg.seed, "run_id": run_dir.name}, results.SCALING_COLUMNS)
         results.write_json(run_dir / "summary.json", summary)  # last: marks the run complete
     summary = comm.bcast(summary)

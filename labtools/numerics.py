@@ -1,0 +1,38 @@
+"""Which code computed a record's numbers, so a stored run is reused only if today's code would
+compute the same thing.
+
+A config hash says *what* was asked; ``VERSION`` says *which arithmetic* answered. Any change to
+the modules in ``SOURCES`` (the step, the model, the data path, the sync strategies) must either
+bump ``VERSION`` (numbers change: say which syncs in ``CHANGES``) or refresh ``SOURCES_SHA``
+(numbers provably unchanged, e.g. a comment). ``tests/test_numerics.py`` fails until one is done.
+"""
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+VERSION = 2
+# version -> the sync strategies whose numbers that version changed (None: all of them).
+CHANGES: dict[int, set[str] | None] = {
+    1: None,  # the first recorded code
+    2: {"allreduce"},  # f0d0e88: fused allreduce step, loss pre-scaled by 1/global batch
+}
+SOURCES = ("model.py", "worker.py", "sync.py", "data.py", "comm.py")
+SOURCES_SHA = "7818e4b2d35c8b83"
+
+
+def sources_sha() -> str:
+    """sha256 over the numerics modules' source, in a fixed order."""
+    here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for name in SOURCES:
+        h.update(name.encode() + b"\0" + (here / name).read_bytes() + b"\0")
+    return h.hexdigest()[:16]
+
+
+def is_current(version: int | None, sync: str) -> bool:
+    """Would today's code compute the same numbers as code of `version` did for this sync strategy?"""
+    if version is None:
+        return False
+    return all(changed is not None and sync not in changed
+               for v, changed in CHANGES.items() if version < v <= VERSION)

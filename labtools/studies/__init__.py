@@ -1,0 +1,1 @@
+"""One study per notebook: the code a notebook calls, testable without papermill."""

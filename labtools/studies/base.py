@@ -1,0 +1,54 @@
+"""What every study is: parameters per profile, a plan, tables, figures and a generated interpretation.
+
+A study is the code behind one notebook. It is usable without papermill (tests call it directly);
+its notebook calls ``collect``, ``tables``, ``figures``, ``interpret`` and ``save`` in that order.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+from ..notebook import Context
+
+
+class Study:
+    notebook: ClassVar[str]  # the notebook this study is the code of (see labtools.studies.NOTEBOOKS)
+    title: ClassVar[str]
+    PARAMS: ClassVar[dict[str, dict]]  # profile -> parameters
+
+    def __init__(self, profile: str = "quick", out_dir=None, results_root=None, runner: str = "pool",
+                 run_missing: bool = True, **overrides):
+        if profile not in self.PARAMS:
+            raise ValueError(f"unknown profile {profile!r} for {self.notebook}; choose one of {', '.join(self.PARAMS)}")
+        self.ctx = Context(profile, self.notebook, out_dir, results_root, runner, run_missing,
+                           params={**self.PARAMS[profile], **overrides})
+        self.profile = profile
+        self.p = self.ctx.params
+
+    # -------------------------------------------------------------- the four steps
+    def plan(self) -> list:
+        raise NotImplementedError
+
+    def collect(self):
+        """Run what the store lacks (unless run_missing=False) and return the planned runs' records."""
+        return self.ctx.ensure(self.plan(), self.notebook)
+
+    def tables(self, runs) -> dict:
+        return {}
+
+    def figures(self, runs, tables: dict) -> dict:
+        return {}
+
+    def interpret(self, runs, tables: dict) -> str:
+        return ""
+
+    # -------------------------------------------------------------- writing
+    def save(self, tables: dict, figures: dict) -> list:
+        paths = []
+        for name, t in tables.items():
+            paths += self.ctx.save_table(t, name)
+        for name, fig in figures.items():
+            paths += self.ctx.save_figure(fig, name)
+        return paths
+
+    def config(self, experiment: str, **kw):
+        return self.ctx.base_config(experiment, **kw)
