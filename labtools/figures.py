@@ -47,25 +47,36 @@ def _tag(fig, df):
     return fig
 
 
-def _series(t2):
-    """(label suffix, rows, hollow) per series: cluster rows, then one series per logical process count P."""
-    cl = t2[t2["processes"] == t2["np"]]
-    out = [("", cl, False)] if len(cl) else []
-    for p, rows in t2[t2["processes"] != t2["np"]].groupby("processes"):
-        out.append((f", P={p}: logical ranks (P<N)", rows, True))
-    return out
+def _ours(ax, t2, col, timing, per_run=None, color=OURS):
+    """Our mean ± std per np. Timing columns: filled where the time is a cluster's, hollow (dotted) where
+    it is not, with a legend entry saying why. Accuracy/loss columns: each seed as a small dot too."""
+    from .records import CLUSTER
 
-
-def _ours(ax, t2, col, timing, color=OURS):
-    """Our mean ± std per np; hollow dotted markers for logical-rank (P<N) rows, marked as not cluster time."""
     std = f"{col}_std" if f"{col}_std" in t2.columns else None
     mean = f"{col}_mean" if f"{col}_mean" in t2.columns else col
-    for suffix, rows, hollow in _series(t2):
-        n = f"n={rows['n_runs'].min()}" if rows["n_runs"].nunique() == 1 else \
-            f"n={rows['n_runs'].min()}-{rows['n_runs'].max()}"
-        label = f"this machine (mean ± std, {n}){suffix}" + (", not cluster time" if hollow and timing else "")
-        ax.errorbar(rows["np"], rows[mean], yerr=rows[std] if std else None, color=color, marker="o",
-                    ls=":" if hollow else "-", mfc="none" if hollow else color, label=label)
+    n = f"n={t2['n_runs'].min()}" if t2["n_runs"].nunique() == 1 else f"n={t2['n_runs'].min()}-{t2['n_runs'].max()}"
+    if not timing:
+        ax.errorbar(t2["np"], t2[mean], yerr=t2[std] if std else None, color=color, marker="o", ls="-",
+                    label=f"this machine (mean ± std over seeds, {n})")
+        if per_run is not None and col in per_run:
+            ax.scatter(per_run["np"], per_run[col], s=14, color=color, alpha=0.45, zorder=3, edgecolor="none",
+                       label="this machine, each seed")
+        return
+    cl = t2[t2["wall_time_kind"] == CLUSTER]
+    if len(cl):
+        nt = f"n={cl['n_timed'].min()}" if cl["n_timed"].nunique() == 1 else f"n={cl['n_timed'].min()}-{cl['n_timed'].max()}"
+        ax.errorbar(cl["np"], cl[mean], yerr=cl[std] if std else None, color=color, marker="o", ls="-",
+                    label=f"this machine, cluster time (mean ± std, {nt})")
+    rest = t2[t2["wall_time_kind"] != CLUSTER]
+    if len(rest):
+        nps = ", ".join(str(int(v)) for v in rest["np"])
+        why = "; ".join(sorted({k.split(": ", 1)[-1] for k in rest["wall_time_kind"]}))
+        if rest[mean].notna().any():
+            ax.errorbar(rest["np"], rest[mean], yerr=rest[std] if std else None, color=color, marker="o", ls=":",
+                        mfc="none", label=f"this machine, NOT a cluster time (np={nps}: {why})")
+        else:
+            ax.plot([], [], color=color, marker="o", ls="none", mfc="none",
+                    label=f"no value at np={nps}: not a cluster time ({why})")
 
 
 def _paper(ax, col):
@@ -88,12 +99,12 @@ def _np_axis(ax, t2, with_paper):
     ax.set_xlabel("MPI processes np (logical ranks N)")
 
 
-def _vs_np(t2, col, paper_col, ylabel, title, timing, with_paper=True, logy=False):
+def _vs_np(t2, col, paper_col, ylabel, title, timing, with_paper=True, logy=False, per_run=None):
     with style():
         fig, (ax,) = _new()
         if with_paper:
             _paper(ax, paper_col)
-        _ours(ax, t2, col, timing)
+        _ours(ax, t2, col, timing, per_run)
         _np_axis(ax, t2, with_paper)
         if logy:
             ax.set_yscale("log")
@@ -105,10 +116,11 @@ def _vs_np(t2, col, paper_col, ylabel, title, timing, with_paper=True, logy=Fals
 
 # ------------------------------------------------------------------ Figures 8-12 (and test accuracy)
 
-def fig_speedup(table2_df, with_paper=True):
+def fig_speedup(table2_df, per_run=None, with_paper=True):
     """Figure 8: speedup S vs np, with the ideal S = np / base np."""
     fig, ax = _vs_np(table2_df, "speedup", "speedup", "speedup S (T_base / T)",
-                     "Speedup vs MPI processes (Figure 8)", timing=True, with_paper=with_paper)
+                     "Speedup vs MPI processes (Figure 8)", timing=True, with_paper=with_paper,
+                     per_run=per_run)
     with style():
         base = table2_df["base_np"].iloc[0]
         xs = sorted(set(ax.xaxis.get_major_locator().locs))
@@ -117,38 +129,43 @@ def fig_speedup(table2_df, with_paper=True):
     return fig
 
 
-def fig_efficiency(table2_df, with_paper=True):
+def fig_efficiency(table2_df, per_run=None, with_paper=True):
     """Figure 9: parallel efficiency E vs np, 100 % = ideal."""
     fig, ax = _vs_np(table2_df, "efficiency_pct", "efficiency_pct", "efficiency E (%)",
-                     "Parallel efficiency vs MPI processes (Figure 9)", timing=True, with_paper=with_paper)
+                     "Parallel efficiency vs MPI processes (Figure 9)", timing=True, with_paper=with_paper,
+                     per_run=per_run)
     with style():
         ax.axhline(100, color="0.6", ls="-.", lw=1, zorder=0, label="ideal (100 %)")
         _legend(ax)
     return fig
 
 
-def fig_train_accuracy(table2_df, with_paper=True):
+def fig_train_accuracy(table2_df, per_run=None, with_paper=True):
     """Figure 10: mean train accuracy (final epoch, mean over ranks) vs np."""
     return _vs_np(table2_df, "mean_train_acc_pct", "mean_train_acc_pct", "mean train accuracy, final epoch (%)",
-                  "Train accuracy vs MPI processes (Figure 10)", timing=False, with_paper=with_paper)[0]
+                  "Train accuracy vs MPI processes (Figure 10)", timing=False, with_paper=with_paper,
+                  per_run=per_run)[0]
 
 
-def fig_total_time(table2_df, with_paper=True):
+def fig_total_time(table2_df, per_run=None, with_paper=True):
     """Figure 11: total training wall time (slowest rank) vs np; log y, since the machines differ ~10x."""
     return _vs_np(table2_df, "wall_s", "wall_s", "total training wall time, slowest rank (s, log scale)",
-                  "Total training time vs MPI processes (Figure 11)", timing=True, with_paper=with_paper, logy=True)[0]
+                  "Total training time vs MPI processes (Figure 11)", timing=True, with_paper=with_paper, logy=True,
+                  per_run=per_run)[0]
 
 
-def fig_train_loss(table2_df, with_paper=True):
+def fig_train_loss(table2_df, per_run=None, with_paper=True):
     """Figure 12: mean train loss (final epoch, mean over ranks) vs np."""
     return _vs_np(table2_df, "mean_train_loss", "mean_train_loss", "mean train loss, final epoch (cross-entropy)",
-                  "Train loss vs MPI processes (Figure 12)", timing=False, with_paper=with_paper)[0]
+                  "Train loss vs MPI processes (Figure 12)", timing=False, with_paper=with_paper,
+                  per_run=per_run)[0]
 
 
-def fig_test_accuracy(table2_df, with_paper=True):
+def fig_test_accuracy(table2_df, per_run=None, with_paper=True):
     """Final test accuracy vs np (Table 2's test column; the paper has no figure for it)."""
     return _vs_np(table2_df, "test_acc_pct", "test_acc_pct", "test accuracy, final epoch (%)",
-                  "Test accuracy vs MPI processes", timing=False, with_paper=with_paper)[0]
+                  "Test accuracy vs MPI processes", timing=False, with_paper=with_paper,
+                  per_run=per_run)[0]
 
 
 # ------------------------------------------------------------------ Figures 4-5 and 6-7
@@ -165,11 +182,10 @@ def fig_batch_sweep(table1_df, with_paper=True):
         for ax, col, what in [(axes[0], "avg_epoch_s", "avg epoch time (s)"),
                               (axes[1], "global_img_per_s", "global throughput (img/s)")]:
             for (n, p), rows in table1_df.groupby(["world", "processes"]):
-                hollow = p < n
-                lab = f"this machine, N={n}, P={p} (mean ± std)" + \
-                      (": logical ranks (P<N), not cluster time" if hollow else "")
+                nr = f"n={rows['n_runs'].min()}" if rows["n_runs"].nunique() == 1 else \
+                    f"n={rows['n_runs'].min()}-{rows['n_runs'].max()}"
                 ax.errorbar(rows["batch_per_node"], rows[f"{col}_mean"], yerr=rows[f"{col}_std"], color=OURS,
-                            marker="o", ls=":" if hollow else "-", mfc="none" if hollow else OURS, label=lab)
+                            marker="o", label=f"this machine, N={n}, P={p} (mean ± std, {nr})")
             ax.set_ylabel(f"this machine: {what}", color=OURS)
             ax.tick_params(axis="y", colors=OURS)
             handles, labels = ax.get_legend_handles_labels()

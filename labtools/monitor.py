@@ -38,6 +38,7 @@ class Monitor:
             self._sample()
 
     def __enter__(self) -> "Monitor":
+        self._span0 = (time.perf_counter(), self._cpu(), host_busy_seconds())
         self._sample()
         self._thread.start()
         return self
@@ -55,3 +56,15 @@ class Monitor:
         self._t0, self._cpu0 = now, cpu
         self._sample()
         return peak / 2**20, pct
+
+    def span(self) -> tuple[float, float, float]:
+        """(wall s, this process's CPU s, CPU s of the whole host) since the monitor started:
+        the host's share not spent by this run's processes is other load (records.wall_time_kind)."""
+        t0, c0, h0 = self._span0
+        return time.perf_counter() - t0, self._cpu() - c0, host_busy_seconds() - h0
+
+
+def host_busy_seconds() -> float:
+    """CPU seconds the whole host has spent busy (all cores; idle and I/O wait excluded)."""
+    t = psutil.cpu_times()
+    return sum(getattr(t, f) for f in t._fields if f not in ("idle", "iowait", "guest", "guest_nice"))

@@ -17,19 +17,40 @@ CLUSTER = "cluster: one process per rank, no more processes than cores"
 OVERSUBSCRIBED = "not a cluster time: more processes than cores on a host"
 LOGICAL = "not a cluster time: logical ranks (P<N)"
 UNKNOWN = "not a cluster time: cores per host not recorded"
-KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, UNKNOWN)
+CONTENDED = "not a cluster time: other load on a host during the run"
+UNKNOWN_LOAD = "not a cluster time: other load on the hosts not recorded"
+KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, CONTENDED, UNKNOWN, UNKNOWN_LOAD)
+# Other work on a host, in cores averaged over the run, above which its times are not a benchmark.
+MAX_OTHER_CORES = 0.3
 
 
-def wall_time_kind(world: int, processes: int, hosts: list | None, cores_per_host: dict | None) -> str:
+def wall_time_kind(world: int, processes: int, hosts: list | None, cores_per_host: dict | None,
+                   other_cores: dict | None = None) -> str:
     """Is a run's wall time what a cluster of `world` ranks would take? Only with one process per rank
-    (P = N) and no host running more processes than it has cores."""
+    (P = N), no host running more processes than it has cores, and no other work on those hosts
+    (other_cores: host -> cores busy with anything but this run, averaged over the run; None when
+    it was not measured)."""
     if processes != world:
         return LOGICAL
     if not cores_per_host or not hosts:
         return UNKNOWN
     if any(n > cores_per_host.get(h, n) for h, n in Counter(hosts).items()):
         return OVERSUBSCRIBED
+    if other_cores is None:
+        return UNKNOWN_LOAD
+    if any(v > MAX_OTHER_CORES for v in other_cores.values()):
+        return CONTENDED
     return CLUSTER
+
+
+def other_load(spans: list) -> dict:
+    """host -> cores busy with other work, from each process's (host, wall s, own CPU s, host CPU s)."""
+    by_host: dict = {}
+    for host, wall, own, busy in spans:
+        h = by_host.setdefault(host, {"own": 0.0, "busy": busy, "wall": wall})
+        h["own"] += own
+        h["wall"] = max(h["wall"], wall)
+    return {host: max(h["busy"] - h["own"], 0.0) / max(h["wall"], 1e-9) for host, h in by_host.items()}
 
 
 # Commits of records written before manifests carried "numerics_version" (found with
@@ -68,7 +89,7 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
     cfg["np"] = cfg.get("np") or world
     m["config"] = {**m["config"], "np": cfg["np"]}
     m["science_key"] = RunConfig(**cfg).science_key()
-    if "wall_time_kind" not in m:
+    if "other_cores" not in m:  # recorded since the load check; before it, a time's contention is unknown
         m["wall_time_kind"] = wall_time_kind(world, m["processes"], m.get("hosts"), m.get("cores_per_host"))
     m["cluster_wall_time"] = m["wall_time_kind"] == CLUSTER
     if "numerics_version" not in m:

@@ -10,14 +10,41 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from . import metrics, results
+from . import metrics, records, results
 from . import provenance as _prov
 
-TABLE1_METRICS = ["avg_epoch_s", "mean_step_s", "global_img_per_s", "peak_rss_mb", "cpu_pct"]
-TABLE2_METRICS = ["test_acc_pct", "test_loss", "mean_train_loss", "mean_train_acc_pct", "wall_s"]
-CLUSTER = "one process per rank (P=N)"
-OVERSUBSCRIBED = "P=N but more processes than cores: not a cluster time"
-LOGICAL = "logical ranks (P<N): not a cluster time"
+TABLE1_METRICS = ["avg_epoch_s", "avg_epoch_warm_s", "mean_step_s", "global_img_per_s", "end_to_end_img_per_s",
+                  "peak_rss_mb", "cpu_pct"]
+TABLE2_METRICS = ["test_acc_pct", "test_loss", "mean_train_loss", "mean_train_acc_pct"]
+
+# Notes printed under each table (in the .md) and kept in its sidecar: every definition it uses.
+TABLE1_NOTES = [
+    "avg epoch time: mean over all epochs (the first included, as in the paper) of the epoch's wall time, "
+    "slowest process.",
+    "avg epoch time, epochs 2+: the same without epoch 1, which includes tracing the step functions "
+    "(not in the paper; shown separately).",
+    "mean step: mean over every rank and epoch of epoch seconds / steps.",
+    "global throughput: global batch (batch/node x nodes) / mean step, the paper's column (24 / 1.205 s = 19.92 img/s).",
+    "end-to-end throughput: all images of an epoch / its wall time, mean over epochs (includes per-epoch overheads).",
+    "peak RSS: the highest resident set size of any process over the whole run (sampled every 0.2 s), as the paper defines it.",
+    "avg process CPU: process CPU time / wall time per epoch (100 % = one core), mean over processes and epochs.",
+    "mean ± sample std over the n runs (seeds) of each row; every run is a cluster-valid timing "
+    "(one process per rank, no more processes than cores).",
+]
+TABLE2_NOTES = [
+    "Accuracy and loss: after the last epoch; mean ± sample std over the n runs (seeds) of each np. Runs with the same "
+    "science (N, config, seed) compute the same numbers whatever number of processes P hosts the N ranks "
+    "(tests/test_equivalence.py, tests/test_training_mpi.py), so a row pools runs of any P; 'processes P' lists them.",
+    "collapsed: test loss within 1e-3 of ln 10 = 2.3026 (the paper's criterion). at chance: collapsed, or test "
+    "accuracy <= 11 %, or every conv10 channel dead at the end (labtools.metrics.is_at_chance).",
+    "wall time: total training time of the slowest process (test evaluation excluded), mean over the runs "
+    "that are timed as a cluster would be (one process per rank, no more processes than cores on any host). "
+    "A row without such runs shows the mean of its runs and says why in 'wall time kind'.",
+    "speedup S = T(base np) / T(np) and efficiency E = S / (np / base np), from cluster times only; "
+    "blank where either time is not a cluster's (the reason is in 'wall time kind').",
+]
+SEED_NOTE = "One row per run: every seed behind the table above."
+CLUSTER = records.CLUSTER
 
 # Config fields that may differ between runs pooled in one table row set: they change neither what is
 # computed nor how fast (np and seed vary by design). Any other difference means mixed protocols.
@@ -33,9 +60,12 @@ LABELS = {
     "mean_train_loss": "mean train loss", "mean_train_acc_pct": "mean train acc (%)",
     "wall_s": "wall time, slowest rank (s)", "speedup": "speedup S", "efficiency_pct": "efficiency E (%)",
     "base_np": "base np", "collapsed": "collapsed runs", "n_runs": "n runs", "wall_time_kind": "wall time kind",
+    "at_chance": "runs at chance", "avg_epoch_warm_s": "avg epoch time, epochs 2+ (s)", "seeds": "seeds",
+    "end_to_end_img_per_s": "end-to-end throughput (img/s)", "n_timed": "n cluster-timed runs", "seed": "seed",
+    "run_id": "run id", "wall_s": "wall time, slowest rank (s)",
     "paper_test_acc_pct": "paper test acc (%)", "paper_test_loss": "paper test loss",
 }
-DECIMALS = {"avg_epoch_s": 2, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
+DECIMALS = {"avg_epoch_s": 2, "avg_epoch_warm_s": 2, "end_to_end_img_per_s": 1, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
             "test_acc_pct": 2, "test_loss": 4, "mean_train_loss": 4, "mean_train_acc_pct": 2, "wall_s": 2,
             "speedup": 3, "efficiency_pct": 2, "paper_test_acc_pct": 2, "paper_test_loss": 4}
 
@@ -56,78 +86,128 @@ def load_rank_epochs_by_run(runs_df) -> dict:
     return {r.run_id: results.load_rank_epochs(r.run_dir) for r in runs_df.itertuples()}
 
 
-def _run_timing(rk) -> dict:
-    """Table 1 quantities for one run from its per-rank epoch rows.
+def _run_timing(rk, batch_per_node: int, nodes: int) -> dict:
+    """Table 1 quantities for one run from its per-rank epoch rows (definitions: TABLE1_NOTES).
 
-    An epoch's wall time is that of its slowest process (as epochs.csv's epoch_wall_s), throughput
-    is all images over that wall time. (The paper's throughput equals batch/node over mean step,
-    which leaves out per-epoch overheads; ours is the stricter end-to-end figure.) RSS and CPU are
-    per process, and logical ranks in one process repeat them, so they count once per process.
+    RSS and CPU are per process, and logical ranks in one process repeat them, so they count once
+    per process.
     """
-    # Epoch 1 includes tracing the tf.functions (seconds): a warm-up, left out when there are more epochs.
-    rk = rk[rk["epoch"] > 1] if rk["epoch"].max() > 1 else rk
     per_epoch = rk.groupby("epoch").agg(samples=("samples", "sum"), wall=("process_epoch_s", "max"))
+    warm = per_epoch[per_epoch.index > 1] if len(per_epoch) > 1 else per_epoch
     proc = rk.drop_duplicates(["process", "epoch"])
-    return {"avg_epoch_s": per_epoch["wall"].mean(), "mean_step_s": rk["mean_step_s"].mean(),
-            "global_img_per_s": (per_epoch["samples"] / per_epoch["wall"]).mean(),
+    step = rk["mean_step_s"].mean()
+    return {"avg_epoch_s": per_epoch["wall"].mean(), "avg_epoch_warm_s": warm["wall"].mean(), "mean_step_s": step,
+            "global_img_per_s": batch_per_node * nodes / step,
+            "end_to_end_img_per_s": (per_epoch["samples"] / per_epoch["wall"]).mean(),
             "peak_rss_mb": proc["peak_rss_mb"].max(), "cpu_pct": proc["cpu_pct"].mean()}
 
 
-def table1_batch_sweep(runs_df, rank_epochs_by_run):
-    """Paper Table 1 from our runs: one row per batch/node (and world N, processes P), repeats aggregated.
-
-    rank_epochs_by_run maps run_id -> load_rank_epochs(run_dir) (see load_rank_epochs_by_run).
-    """
+def _table1_rows(runs_df, rank_epochs_by_run):
     import pandas as pd
 
-    _check_one_protocol(runs_df, vary={"batch_per_node", "limit_train"})  # fixed steps per epoch
     rows = []
     for r in runs_df.itertuples():
         if r.run_id not in rank_epochs_by_run:
             raise KeyError(f"no rank epochs for run {r.run_id}")
+        nodes = r.world // r.cfg_ranks_per_node
         rows.append({"batch_per_node": r.cfg_batch_per_node, "batch_per_rank": r.cfg_batch_per_node // r.cfg_ranks_per_node,
-                     "world": r.world, "processes": r.processes, **_run_timing(rank_epochs_by_run[r.run_id])})
-    t = metrics.aggregate(pd.DataFrame(rows), ["batch_per_node", "batch_per_rank", "world", "processes"], TABLE1_METRICS)
+                     "world": r.world, "processes": r.processes, "seed": r.cfg_seed, "run_id": r.run_id,
+                     "wall_time_kind": r.wall_time_kind,
+                     **_run_timing(rank_epochs_by_run[r.run_id], r.cfg_batch_per_node, nodes)})
+    return pd.DataFrame(rows)
+
+
+def table1_batch_sweep(runs_df, rank_epochs_by_run):
+    """Paper Table 1 from our runs: one row per batch/node, repeats aggregated (definitions: TABLE1_NOTES).
+
+    Only cluster-valid timings are accepted: a Table 1 row is a measurement of time and memory.
+    rank_epochs_by_run maps run_id -> load_rank_epochs(run_dir) (see load_rank_epochs_by_run).
+    """
+    _check_one_protocol(runs_df, vary={"batch_per_node", "limit_train"})  # fixed steps per epoch
+    bad = runs_df[runs_df["wall_time_kind"] != CLUSTER]
+    if len(bad):
+        raise ValueError(f"Table 1 needs cluster-valid timings; {', '.join(bad.run_id)} are "
+                         f"{'; '.join(sorted(set(bad.wall_time_kind)))}")
+    rows = _table1_rows(runs_df, rank_epochs_by_run)
+    t = metrics.aggregate(rows, ["batch_per_node", "batch_per_rank", "world", "processes"], TABLE1_METRICS)
+    t = t.merge(rows.groupby("batch_per_node")["seed"].agg(lambda s: ",".join(map(str, sorted(s))))
+                .rename("seeds").reset_index(), on="batch_per_node")
     t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    t.attrs["notes"] = TABLE1_NOTES
     return t
 
 
-def table2_scaling(runs_df, base_np=2):
-    """Paper Table 2 from our runs: one row per (np, processes P), repeats aggregated, plus scaling.
+def table1_per_run(runs_df, rank_epochs_by_run=None):
+    """Table 1's quantities for every run (seed) separately."""
+    rows = _table1_rows(runs_df, rank_epochs_by_run or load_rank_epochs_by_run(runs_df))
+    rows = rows.sort_values(["batch_per_node", "seed"]).reset_index(drop=True)
+    rows.attrs["run_ids"] = sorted(runs_df["run_id"])
+    rows.attrs["notes"] = [SEED_NOTE] + TABLE1_NOTES
+    return rows
 
-    Speedup and efficiency use mean wall times relative to base_np, taken from cluster rows (P=N)
-    when there are any; wall_time_kind marks rows timed with several logical ranks per process,
-    whose times are not what a cluster of N processes would take.
-    """
+
+def _outcomes(runs_df):
+    return runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
+                          mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
+                          collapsed=runs_df["collapsed"].astype(bool), at_chance=runs_df["at_chance"].astype(bool))
+
+
+def table2_scaling(runs_df, base_np=2):
+    """Paper Table 2 from our runs: one row per np, every seed pooled whatever P ran it (definitions:
+    TABLE2_NOTES). Wall time, speedup and efficiency come from cluster-valid runs only."""
     import numpy as np
     import pandas as pd
 
     _check_one_protocol(runs_df)
-    r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
-                       mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
-                       collapsed=runs_df["collapsed"].astype(bool))
-    keys = ["np", "processes"]
-    t = metrics.aggregate(r, keys, TABLE2_METRICS)
-    extra = r.groupby(keys).agg(epochs=("epochs", "first"), collapsed=("collapsed", "sum")).reset_index()
-    t = t.merge(extra, on=keys)
-    cluster = t["processes"] == t["np"]
-    t["wall_time_kind"] = np.where(cluster, CLUSTER, LOGICAL)
-    if "oversubscribed" in r:  # known only for runs that recorded their hosts' core counts
-        over = r.groupby(keys)["oversubscribed"].max().reindex(pd.MultiIndex.from_frame(t[keys])).to_numpy()
-        t.loc[cluster & (over == True), "wall_time_kind"] = OVERSUBSCRIBED  # noqa: E712 - NaN means unknown
-    t = metrics.add_scaling(t, "wall_s_mean", "np", base_np, base_rows=cluster if cluster.any() else None)
-    # Spread of a ratio of independent means, first order: rel. std adds in quadrature. The base row
-    # is S = 1 by definition (std 0); NaN wherever either time has a single repeat.
-    base = (t["np"] == t["base_np"]) & (cluster if cluster.any() else True)
-    b = t[base].iloc[0]
-    rel = np.sqrt((b["wall_s_std"] / b["wall_s_mean"]) ** 2 + (t["wall_s_std"] / t["wall_s_mean"]) ** 2)
-    t["speedup_std"] = np.where(base, 0.0, t["speedup"] * rel)
-    t["efficiency_pct_std"] = np.where(base, 0.0, t["efficiency_pct"] * rel)
+    r = _outcomes(runs_df)
+    t = metrics.aggregate(r, "np", TABLE2_METRICS)
+    g = r.groupby("np")
+    extra = g.agg(epochs=("epochs", "first"), collapsed=("collapsed", "sum"), at_chance=("at_chance", "sum"))
+    extra["seeds"] = g["cfg_seed"].agg(lambda s: ",".join(map(str, sorted(s))))
+    extra["processes"] = g["processes"].agg(lambda s: ",".join(map(str, sorted(set(s)))))
+    t = t.merge(extra.reset_index(), on="np")
+    timed = r[r["wall_time_kind"] == CLUSTER]
+    wall = metrics.aggregate(timed, "np", ["wall_s"]).rename(columns={"n_runs": "n_timed"}) if len(timed) else \
+        pd.DataFrame(columns=["np", "wall_s_mean", "wall_s_std", "n_timed"])
+    t = t.merge(wall, on="np", how="left")
+    t["n_timed"] = t["n_timed"].fillna(0).astype(int)
+    # Rows with no cluster-valid run: the mean of what was run, and the kinds that say why it is not a cluster time.
+    other = metrics.aggregate(r, "np", ["wall_s"]).set_index("np")
+    kinds = g["wall_time_kind"].agg(lambda s: "; ".join(sorted(set(s))))
+    no_cluster = t["n_timed"] == 0
+    t.loc[no_cluster, "wall_s_mean"] = t.loc[no_cluster, "np"].map(other["wall_s_mean"]).to_numpy()
+    t.loc[no_cluster, "wall_s_std"] = t.loc[no_cluster, "np"].map(other["wall_s_std"]).to_numpy()
+    t["wall_time_kind"] = np.where(no_cluster, t["np"].map(kinds), CLUSTER)
+    t["speedup"] = t["speedup_std"] = t["efficiency_pct"] = t["efficiency_pct_std"] = np.nan
+    t["base_np"] = base_np
+    base = t[(t["np"] == base_np) & ~no_cluster]
+    if len(base):
+        b = base.iloc[0]
+        ok = ~no_cluster
+        t.loc[ok, "speedup"] = metrics.speedup(b["wall_s_mean"], t.loc[ok, "wall_s_mean"])
+        t.loc[ok, "efficiency_pct"] = metrics.efficiency(t.loc[ok, "speedup"], t.loc[ok, "np"], base_np)
+        # Spread of a ratio of independent means, first order: relative stds add in quadrature; the base is S = 1.
+        rel = np.sqrt((b["wall_s_std"] / b["wall_s_mean"]) ** 2 + (t["wall_s_std"] / t["wall_s_mean"]) ** 2)
+        is_base = t["np"] == base_np
+        t.loc[ok, "speedup_std"] = np.where(is_base[ok], 0.0, (t["speedup"] * rel)[ok])
+        t.loc[ok, "efficiency_pct_std"] = np.where(is_base[ok], 0.0, (t["efficiency_pct"] * rel)[ok])
     cols = (["np", "processes", "epochs"] + [f"{m}_{s}" for m in TABLE2_METRICS for s in ("mean", "std")]
-            + ["speedup", "speedup_std", "efficiency_pct", "efficiency_pct_std", "base_np", "collapsed", "n_runs",
-               "wall_time_kind"])
-    t = t[cols].sort_values(keys).reset_index(drop=True)
+            + ["wall_s_mean", "wall_s_std", "n_timed", "speedup", "speedup_std", "efficiency_pct", "efficiency_pct_std",
+               "base_np", "collapsed", "at_chance", "n_runs", "seeds", "wall_time_kind"])
+    t = t[cols].sort_values("np").reset_index(drop=True)
     t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    t.attrs["notes"] = TABLE2_NOTES
+    return t
+
+
+def table2_per_run(runs_df):
+    """Every run behind Table 2: np, seed, P, outcome, wall time and what kind of time it is."""
+    r = _outcomes(runs_df).assign(seed=runs_df["cfg_seed"])
+    cols = ["np", "seed", "processes", "test_acc_pct", "test_loss", "mean_train_acc_pct", "mean_train_loss",
+            "collapsed", "at_chance", "wall_s", "wall_time_kind", "run_id"]
+    t = r[cols].sort_values(["np", "seed"]).reset_index(drop=True)
+    t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    t.attrs["notes"] = [SEED_NOTE] + TABLE2_NOTES[1:3]
     return t
 
 
@@ -206,11 +286,15 @@ def save_table(df, out_dir, name, provenance: dict | None = None, run_ids=None) 
     tex = tex.replace("±", r"$\pm$").replace("<", r"$<$")
     paths = {"csv": out_dir / f"{name}.csv", "md": out_dir / f"{name}.md", "tex": out_dir / f"{name}.tex"}
     results.atomic_write_text(paths["csv"], df.to_csv(index=False))
+    notes = list(df.attrs.get("notes", []))
+    if notes:
+        md += "\n\n" + "\n".join(f"- {n}" for n in notes)
     results.atomic_write_text(paths["md"], md + "\n")
     results.atomic_write_text(paths["tex"], tex)
     run_ids = list(run_ids if run_ids is not None else df.attrs.get("run_ids", []))
     side = out_dir / f"{name}.provenance.json"
-    results.write_json(side, provenance_block(provenance, run_ids, name, [p.name for p in paths.values()]))
+    results.write_json(side, provenance_block({**(provenance or {}), **({"notes": notes} if notes else {})}, run_ids,
+                                              name, [p.name for p in paths.values()]))
     return [*paths.values(), side]
 
 

@@ -196,6 +196,12 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         raise
 
     global_wall = comm.max(train_wall)
+    # Other load on each host during the run decides, with the topology, whether this is a cluster time.
+    spans = comm.gather((comm.host, *mon.span()))
+    if comm.is_root:
+        other = records.other_load(spans)
+        time_kind = records.wall_time_kind(world, comm.size, hosts, dict(cores), other)
+        manifest.update(other_cores=other, wall_time_kind=time_kind, cluster_wall_time=time_kind == records.CLUSTER)
     # Every logical rank's final weights, fingerprinted: after the last sync they must all agree.
     w.flush()
     digests = comm.gather({r: hashlib.sha1(w.states[r][0].tobytes()).hexdigest()[:16] for r in w.ranks})
@@ -210,6 +216,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
             f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
             "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
             "global_wall_s": global_wall, "cluster_wall_time": manifest["cluster_wall_time"],
+            "wall_time_kind": manifest["wall_time_kind"],
             "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
             **{f"init_{k}": v for k, v in init_diag.items()},
             "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
