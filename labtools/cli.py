@@ -68,6 +68,23 @@ def _reproduce(ns) -> int:
     return 0
 
 
+def _report(ns) -> int:
+    from .report import write_report
+
+    try:
+        for path in write_report(os.path.join(ns.out, ns.profile)):
+            print(path)
+        if ns.readme:
+            from .readme import update_readme
+
+            changed = update_readme(ns.readme, os.path.join(ns.out, ns.profile))
+            print(f"{ns.readme}: results block {'rewritten' if changed else 'already up to date'}")
+    except (FileNotFoundError, ValueError) as e:
+        print(f"labtools: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import RunConfig
 
@@ -81,14 +98,22 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--cifar-dir", default=None)
     d.add_argument("--dest", default="data", help="download target folder")
     d.set_defaults(fn=_data)
-    r = sub.add_parser("reproduce", help="re-execute the notebooks with papermill and regenerate figures/")
-    r.add_argument("--profile", default="quick", choices=("smoke", "quick", "paper"))
-    r.add_argument("--notebook", action="append", help="only this notebook (repeatable)")
+    from .studies import NOTEBOOKS, PROFILES
+
+    r = sub.add_parser("reproduce", help="re-execute the notebooks with papermill, regenerate figures/ and the report")
+    r.add_argument("--profile", default="quick", choices=PROFILES, help="how much of the paper's protocol to run")
+    r.add_argument("--notebook", action="append", choices=NOTEBOOKS, help="only this notebook (repeatable)")
     r.add_argument("--out", default="figures", help="where tables, figures and executed notebooks go")
     r.add_argument("--results", default="results", help="results store root")
     r.add_argument("--stored-only", action="store_true",
                    help="run nothing: tables and figures from the runs already stored, marked partial if some are missing")
     r.set_defaults(fn=_reproduce)
+    rp = sub.add_parser("report", help="write FIGURES/PROFILE/REPORT.md and .html from the regenerated tables")
+    rp.add_argument("--profile", default="paper", choices=PROFILES)
+    rp.add_argument("--out", default="figures", help="where the profile's tables and figures are")
+    rp.add_argument("--readme", default=None, metavar="README.md",
+                    help="also rewrite this README's generated results block from the tables")
+    rp.set_defaults(fn=_report)
     return p
 
 

@@ -76,7 +76,7 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False)
         return []
     store = Store(_root(plan))
     todo = [p for p in plan if rerun or store.find(p) is None]
-    n_stale = sum(bool(store.stale_for(p)) for p in todo)
+    n_stale = sum(bool(store.stale_for(p)) and not store.by_key.get(p.cfg.science_key()) for p in todo)
     print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo)} already in the results store, {len(todo)} to run"
           + (f" ({n_stale} of them have only stale records, made by code that computed differently)" if n_stale else ""),
           flush=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import textwrap
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -70,13 +71,14 @@ def _ours(ax, t2, col, timing, per_run=None, color=OURS):
     rest = t2[t2["wall_time_kind"] != CLUSTER]
     if len(rest):
         nps = ", ".join(str(int(v)) for v in rest["np"])
-        why = "; ".join(sorted({k.split(": ", 1)[-1] for k in rest["wall_time_kind"]}))
+        reasons = {k.split(": ", 1)[-1] for kinds in rest["wall_time_kind"] for k in kinds.split("; ")}
+        why = textwrap.fill("; ".join(sorted(reasons)), 70, subsequent_indent="  ")
         if rest[mean].notna().any():
             ax.errorbar(rest["np"], rest[mean], yerr=rest[std] if std else None, color=color, marker="o", ls=":",
-                        mfc="none", label=f"this machine, NOT a cluster time (np={nps}: {why})")
+                        mfc="none", label=f"this machine, NOT a cluster time (np={nps}):\n  {why}")
         else:
             ax.plot([], [], color=color, marker="o", ls="none", mfc="none",
-                    label=f"no value at np={nps}: not a cluster time ({why})")
+                    label=f"no value at np={nps}, not a cluster time:\n  {why}")
 
 
 def _paper(ax, col):

@@ -11,7 +11,8 @@ import sys
 import time
 from pathlib import Path
 
-NOTEBOOKS = ["00_quickstart", "01_batch_sweep", "02_strong_scaling", "03_sync_strategies"]
+from .studies import NOTEBOOKS
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -58,4 +59,8 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
                                  f"(executed notebook with the error: {target}; earlier outputs are kept)") from None
         print(f"[reproduce] {name} done in {time.time() - t:.0f}s -> {target}", flush=True)
         done.append(target)
+    from .report import write_report
+
+    for path in write_report(out_dir):
+        print(f"[reproduce] report -> {_rel(path)}", flush=True)
     return done

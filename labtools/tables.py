@@ -204,7 +204,7 @@ def table2_per_run(runs_df):
     """Every run behind Table 2: np, seed, P, outcome, wall time and what kind of time it is."""
     r = _outcomes(runs_df).assign(seed=runs_df["cfg_seed"])
     cols = ["np", "seed", "processes", "test_acc_pct", "test_loss", "mean_train_acc_pct", "mean_train_loss",
-            "collapsed", "at_chance", "wall_s", "wall_time_kind", "run_id"]
+            "collapsed", "at_chance", "wall_s", "wall_time_kind", "experiment", "run_id"]
     t = r[cols].sort_values(["np", "seed"]).reset_index(drop=True)
     t.attrs["run_ids"] = sorted(runs_df["run_id"])
     t.attrs["notes"] = [SEED_NOTE] + TABLE2_NOTES[1:3]
@@ -311,15 +311,18 @@ def strategy_table(runs_df, strategy):
     from .profiles import STRATEGY_FIELDS
 
     _check_one_protocol(runs_df, vary=set(STRATEGY_FIELDS))
-    r = runs_df.assign(np=runs_df["world"], test_acc_pct=100 * runs_df["test_acc"],
-                       mean_train_acc_pct=100 * runs_df["mean_train_acc"], wall_s=runs_df["global_wall_s"],
-                       collapsed=runs_df["collapsed"].astype(bool), strategy=list(strategy),
-                       dead_conv10=runs_df["dead_conv10_frac"].astype(float))
-    keys = ["strategy", "np", "processes"]
+    r = _outcomes(runs_df).assign(strategy=list(strategy), dead_conv10=runs_df["dead_conv10_frac"].astype(float))
+    keys = ["strategy", "np"]
     t = metrics.aggregate(r, keys, ["test_acc_pct", "test_loss", "mean_train_acc_pct", "dead_conv10", "wall_s"])
-    t = t.merge(r.groupby(keys).agg(collapsed=("collapsed", "sum")).reset_index(), on=keys)
+    g = r.groupby(keys)
+    extra = g.agg(collapsed=("collapsed", "sum"), at_chance=("at_chance", "sum"))
+    extra["processes"] = g["processes"].agg(lambda s: ",".join(map(str, sorted(set(s)))))
+    extra["wall_time_kind"] = g["wall_time_kind"].agg(lambda s: "; ".join(sorted(set(s))))
+    t = t.merge(extra.reset_index(), on=keys)
     t = t.sort_values(keys).reset_index(drop=True)
     t.attrs["run_ids"] = sorted(runs_df["run_id"])
+    t.attrs["notes"] = [TABLE2_NOTES[0].split(";")[0] + ".", TABLE2_NOTES[1],
+                        "wall time: slowest process, mean over seeds; 'wall time kind' says whether it is a cluster's."]
     return t
 
 
@@ -335,10 +338,11 @@ def strategy_vs_paper(strategy_df):
         raise ValueError("strategy_vs_paper: pass the rows of one strategy, got "
                          + ", ".join(sorted(strategy_df["strategy"].unique())))
     ours = strategy_df[["np", "test_acc_pct_mean", "test_acc_pct_std", "test_loss_mean", "test_loss_std",
-                        "n_runs", "collapsed"]]
+                        "n_runs", "collapsed", "at_chance"]]
     theirs = paper.table2()[["np", "test_acc_pct", "test_loss"]].rename(
         columns={"test_acc_pct": "paper_test_acc_pct", "test_loss": "paper_test_loss"})
     t = ours.merge(theirs, on="np", how="outer").sort_values("np").reset_index(drop=True)
-    t[["n_runs", "collapsed"]] = t[["n_runs", "collapsed"]].fillna(0).astype(int)
+    t[["n_runs", "collapsed", "at_chance"]] = t[["n_runs", "collapsed", "at_chance"]].fillna(0).astype(int)
     t.attrs["run_ids"] = list(strategy_df.attrs.get("run_ids", []))
+    t.attrs["notes"] = list(strategy_df.attrs.get("notes", []))
     return t

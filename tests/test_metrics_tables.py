@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from labtools import figures, metrics, paper, results, tables
+from labtools import figures, metrics, numerics, paper, records, results, tables
 from labtools.config import RunConfig
 
 
@@ -53,8 +53,12 @@ def test_aggregate_single_repeat_std_is_nan():
 
 # ------------------------------------------------------------------ (b) a fake results store
 
-def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, sync="epoch-average"):
-    """A completed run record, written with labtools.results' own writers; values depend on (world, seed)."""
+def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, sync="epoch-average", cores=None,
+               other=0.0):
+    """A completed run record, written with labtools.results' own writers; values depend on (world, seed).
+
+    All processes on one host "vm" with `cores` cores (default: one per process) and `other` cores of
+    other load during the run, so the record's wall-time kind is decided as train.run decides it."""
     cfg = RunConfig(np=world, batch_per_node=batch, epochs=epochs, seed=seed, sync=sync, experiment=experiment,
                     out=str(root))
     run_id = f"np{world}-p{processes}-b{batch}-s{seed}"
@@ -63,13 +67,14 @@ def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, syn
     k = world // processes
     rank_rows, epoch_rows = [], []
     for e in range(1, epochs + 1):
-        pwall = {p: 10.0 + rng.uniform(0, 2) for p in range(processes)}
+        pwall = {p: 10.0 + rng.uniform(0, 2) + (5.0 if e == 1 else 0.0) for p in range(processes)}
         for r in range(world):
             p = r // k
             rank_rows.append({"rank": r, "epoch": e, "train_loss": 2.3 - 0.1 * e + rng.uniform(0, .05),
                               "train_acc": 0.1 + 0.05 * e + rng.uniform(0, .02), "samples": 1000 // world,
                               "epoch_s": pwall[p] / k, "mean_step_s": 0.01 * batch + rng.uniform(0, 1e-3),
-                              "img_per_s": 50.0, "grad_norm": 1.0, "peak_rss_mb": 600 + 10 * p + rng.uniform(0, 5),
+                              "img_per_s": 50.0, "grad_norm": 1.0,
+                              "peak_rss_mb": 600 + 10 * p + rng.uniform(0, 5) + (300 if e == 1 else 0),
                               "cpu_pct": 100 + rng.uniform(0, 10),
                               "process": p, "process_epoch_s": pwall[p]})
         # logical ranks of one process share its RSS/CPU: copy the process's first rank's values
@@ -78,16 +83,21 @@ def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, syn
             row["cpu_pct"], row["peak_rss_mb"] = first["cpu_pct"], first["peak_rss_mb"]
         epoch_rows.append({"epoch": e, "test_loss": 2.0 - 0.1 * e, "test_acc": 0.2 + 0.05 * e,
                            "mean_train_loss": 1.0, "mean_train_acc": 0.5, "epoch_wall_s": max(pwall.values())})
+    at_chance = world >= 8 and seed == 0
     summary = {"world": world, "processes": processes, "epochs": epochs, "sync": sync, "seed": seed,
                "batch_per_node": batch, "batch_per_rank": batch // 2,
-               "test_acc": float(rng.uniform(0.3, 0.6)), "test_loss": float(rng.uniform(1, 2)),
+               "test_acc": 0.1 if at_chance else float(rng.uniform(0.3, 0.6)),
+               "test_loss": 2.302585 if (at_chance and world == 8) else float(rng.uniform(1, 2)),
                "mean_train_loss": float(rng.uniform(1, 2)), "mean_train_acc": float(rng.uniform(0.3, 0.6)),
-               "global_wall_s": float(1000 / world + rng.uniform(0, 30)), "cluster_wall_time": world == processes,
-               "collapsed": bool(world >= 8 and seed == 0), "dead_conv10_frac": 0.1,
+               "global_wall_s": float(1000 / world + rng.uniform(0, 30)), "dead_conv10_frac": 0.1,
                "mean_epoch_s": float(np.mean([x["epoch_wall_s"] for x in epoch_rows]))}
+    hosts, cores = ["vm"] * processes, {"vm": cores or processes}
+    kind = records.wall_time_kind(world, processes, hosts, cores, {"vm": other})
     results.write_json(d / "manifest.json", {
-        "config": cfg.to_dict(), "world": world, "processes": processes, "cluster_wall_time": world == processes,
-        "science_key": cfg.science_key(), "git_commit": "0" * 40, "status": "completed"})
+        "config": cfg.to_dict(), "world": world, "processes": processes, "hosts": hosts, "cores_per_host": cores,
+        "other_cores": {"vm": other}, "wall_time_kind": kind, "cluster_wall_time": kind == records.CLUSTER,
+        "science_key": cfg.science_key(), "git_commit": "0" * 40, "numerics_version": numerics.VERSION,
+        "status": "completed"})
     results.write_csv(d / "epochs.csv", epoch_rows)
     for r in range(world):
         results.write_csv(d / "ranks" / f"rank_{r:03d}.csv", [x for x in rank_rows if x["rank"] == r])
@@ -95,53 +105,63 @@ def _write_run(root, experiment, world, processes, seed, batch=24, epochs=3, syn
     return d
 
 
-SCALING = [(2, 2, (0, 1, 2)), (4, 4, (0, 1, 2)), (8, 2, (0, 1)), (16, 2, (0,))]
+# (world, processes, seeds, cores on the host, other load): np=2 is timed as a cluster; np=4 ran 4
+# processes on 2 cores (seeds 0-1) and as logical ranks (seed 2); np=8 and 16 are logical ranks; one np=2
+# run (seed 3) ran beside other work.
+SCALING = [(2, 2, (0, 1, 2), 2, 0.0), (2, 2, (3,), 2, 1.2), (4, 4, (0, 1), 2, 0.0), (4, 2, (2,), 2, 0.0),
+           (8, 2, (0, 1), 2, 0.0), (16, 2, (0,), 2, 0.0)]
 
 
 @pytest.fixture
 def store(tmp_path):
     root = tmp_path / "results"
-    for world, procs, seeds in SCALING:
+    for world, procs, seeds, cores, other in SCALING:
         for s in seeds:
-            _write_run(root, "scaling", world, procs, s)
+            _write_run(root, "scaling", world, procs, s, cores=cores, other=other)
     for b in (8, 16, 24):
         for s in (0, 1):
             _write_run(root, "batch", 2, 2, s, batch=b)
-    _write_run(root, "batch", 4, 2, 0, batch=8)  # 2 logical ranks per process
+    _write_run(root, "batch-logical", 4, 2, 0, batch=8)  # 2 logical ranks per process: not a timing
     return root
 
 
-def test_table2_equals_direct_computation(store):
+def test_table2_pools_seeds_across_p_and_times_only_clusters(store):
     runs = results.load_runs(store, "scaling")
     t = tables.table2_scaling(runs, base_np=2)
-    assert list(zip(t["np"], t["processes"])) == [(w, p) for w, p, _ in SCALING]
+    assert t["np"].tolist() == [2, 4, 8, 16]
     assert sorted(t.attrs["run_ids"]) == sorted(runs["run_id"])
-    walls = {}
+    sums = {}
+    for d in (store / "scaling").iterdir():
+        if d.is_dir():
+            sums.setdefault(int(d.name.split("-")[0][2:]), []).append(
+                (json.loads((d / "summary.json").read_text()), json.loads((d / "manifest.json").read_text())))
     for row in t.itertuples():
-        # recompute straight from the summary.json files of that (np, P)
-        sums = [json.loads((d / "summary.json").read_text()) for d in (store / "scaling").iterdir()
-                if d.name.startswith(f"np{row.np}-p{row.processes}-")]
-        assert row.n_runs == len(sums)
+        ss = [s for s, _ in sums[row.np]]
+        assert row.n_runs == len(ss)  # every seed, whatever P ran it
+        assert row.seeds == ",".join(str(s["seed"]) for s in sorted(ss, key=lambda s: s["seed"]))
         for col, key, scale in [("test_acc_pct", "test_acc", 100), ("test_loss", "test_loss", 1),
-                                ("mean_train_loss", "mean_train_loss", 1),
-                                ("mean_train_acc_pct", "mean_train_acc", 100), ("wall_s", "global_wall_s", 1)]:
-            v = np.array([s[key] * scale for s in sums])
+                                ("mean_train_loss", "mean_train_loss", 1), ("mean_train_acc_pct", "mean_train_acc", 100)]:
+            v = np.array([s[key] * scale for s in ss])
             assert getattr(row, f"{col}_mean") == pytest.approx(v.mean(), rel=1e-12)
             std = getattr(row, f"{col}_std")
-            if len(v) == 1:
-                assert math.isnan(std)
-            else:
-                assert std == pytest.approx(v.std(ddof=1), rel=1e-12)
-        assert row.collapsed == sum(s["collapsed"] for s in sums)
-        assert row.epochs == 3
-        assert row.wall_time_kind == (tables.CLUSTER if row.np == row.processes else tables.LOGICAL)
-        walls[row.np] = np.mean([s["global_wall_s"] for s in sums])
-    for row in t.itertuples():
-        assert row.speedup == pytest.approx(walls[2] / walls[row.np])
-        assert row.efficiency_pct == pytest.approx(walls[2] / walls[row.np] / (row.np / 2) * 100)
-        assert row.base_np == 2
-    assert t.loc[t["np"] == 2, "speedup_std"].iloc[0] == 0.0
-    assert math.isnan(t.loc[t["np"] == 16, "speedup_std"].iloc[0])  # one repeat: no spread claimed
+            assert math.isnan(std) if len(v) == 1 else std == pytest.approx(v.std(ddof=1), rel=1e-12)
+        assert row.collapsed == sum(metrics.is_collapsed(s["test_loss"]) for s in ss)
+        assert row.at_chance == sum(metrics.is_at_chance(s["test_acc"], s["dead_conv10_frac"], s["test_loss"]) for s in ss)
+        timed = [s["global_wall_s"] for s, m in sums[row.np] if m["wall_time_kind"] == records.CLUSTER]
+        assert row.n_timed == len(timed)
+        if timed:
+            assert row.wall_time_kind == records.CLUSTER and row.wall_s_mean == pytest.approx(np.mean(timed))
+        else:
+            assert records.CLUSTER not in row.wall_time_kind and "not a cluster time" in row.wall_time_kind
+            assert math.isnan(row.speedup) and math.isnan(row.efficiency_pct)
+    k = t.set_index("np")
+    assert k.loc[2, "n_runs"] == 4 and k.loc[2, "n_timed"] == 3  # the contended run counts for accuracy only
+    assert k.loc[2, "speedup"] == 1.0 and k.loc[2, "efficiency_pct"] == 100.0 and k.loc[2, "speedup_std"] == 0.0
+    assert records.OVERSUBSCRIBED in k.loc[4, "wall_time_kind"] and records.LOGICAL in k.loc[4, "wall_time_kind"]
+    assert k.loc[4, "processes"] == "2,4"
+    assert k.loc[8, "collapsed"] == 1 and k.loc[16, "collapsed"] == 0 and k.loc[16, "at_chance"] == 1
+    per_run = tables.table2_per_run(runs)
+    assert len(per_run) == len(runs) and set(per_run.wall_time_kind) <= set(records.KINDS)
 
 
 def test_strategy_beside_paper_table2(store):
@@ -167,26 +187,32 @@ def test_table_refuses_mixed_protocols(store):
         tables.table2_scaling(results.load_runs(store, "scaling"))
 
 
-def test_table1_equals_direct_computation(store):
+def test_table1_uses_the_papers_definitions(store):
     runs = results.load_runs(store, "batch")
     t = tables.table1_batch_sweep(runs, tables.load_rank_epochs_by_run(runs))
-    assert list(zip(t["batch_per_node"], t["world"], t["processes"])) == [(8, 2, 2), (8, 4, 2), (16, 2, 2), (24, 2, 2)]
-    assert t["batch_per_rank"].tolist() == [4, 4, 8, 12]
+    assert t["batch_per_node"].tolist() == [8, 16, 24] and t["batch_per_rank"].tolist() == [4, 8, 12]
     for row in t.itertuples():
         per_run = []
-        for r in runs[(runs["cfg_batch_per_node"] == row.batch_per_node) & (runs["world"] == row.world)].itertuples():
+        for r in runs[runs["cfg_batch_per_node"] == row.batch_per_node].itertuples():
             rk = results.load_rank_epochs(r.run_dir)
             ep = results.load_epochs(r.run_dir)
-            if rk["epoch"].max() > 1:  # epoch 1 (tracing) is a warm-up left out of Table 1
-                rk, ep = rk[rk["epoch"] > 1], ep[ep["epoch"] > 1]
-            proc = rk  # equal ranks per process, so the mean over rank rows is the mean over processes
-            per_run.append({"avg_epoch_s": ep["epoch_wall_s"].mean(), "mean_step_s": rk["mean_step_s"].mean(),
-                            "global_img_per_s": (rk.groupby("epoch")["samples"].sum() / ep.set_index("epoch")["epoch_wall_s"]).mean(),
-                            "peak_rss_mb": proc["peak_rss_mb"].max(), "cpu_pct": proc["cpu_pct"].mean()})
+            step = rk["mean_step_s"].mean()
+            per_run.append({"avg_epoch_s": ep["epoch_wall_s"].mean(),  # every epoch, the first included
+                            "avg_epoch_warm_s": ep.loc[ep["epoch"] > 1, "epoch_wall_s"].mean(),
+                            "mean_step_s": step, "global_img_per_s": row.batch_per_node / step,  # one node
+                            "end_to_end_img_per_s": (rk.groupby("epoch")["samples"].sum()
+                                                     / ep.set_index("epoch")["epoch_wall_s"]).mean(),
+                            "peak_rss_mb": rk["peak_rss_mb"].max(),  # over the whole run: epoch 1 included
+                            "cpu_pct": rk["cpu_pct"].mean()})
         direct = pd.DataFrame(per_run)
-        assert row.n_runs == len(direct)
+        assert row.n_runs == len(direct) and row.seeds == "0,1"
         for col in tables.TABLE1_METRICS:
             assert getattr(row, f"{col}_mean") == pytest.approx(direct[col].mean(), rel=1e-9), col
+        assert row.peak_rss_mb_mean > 900  # the epoch-1 peak is in
+    assert len(tables.table1_per_run(runs)) == len(runs)
+    logical = results.load_runs(store, "batch-logical")
+    with pytest.raises(ValueError, match="cluster-valid timings"):
+        tables.table1_batch_sweep(logical, tables.load_rank_epochs_by_run(logical))
 
 
 def test_save_table_and_figures_write_all_files(store, tmp_path):
@@ -215,7 +241,7 @@ def test_save_table_and_figures_write_all_files(store, tmp_path):
     one = brun[brun["world"] == 2].iloc[0]
     figs = {"fig_batch_sweep": figures.fig_batch_sweep(t1),
             "fig_rank_epoch_log": figures.fig_rank_epoch_log(results.load_rank_epochs(one.run_dir), 2, one.run_id),
-            **{f: getattr(figures, f)(t2) for f in ("fig_speedup", "fig_efficiency", "fig_train_accuracy",
+            **{f: getattr(figures, f)(t2, tables.table2_per_run(runs)) for f in ("fig_speedup", "fig_efficiency", "fig_train_accuracy",
                                                        "fig_total_time", "fig_train_loss", "fig_test_accuracy")}}
     for name, fig in figs.items():
         paths = figures.save_figure(fig, out / "fig", name, {"table": "table2"})
@@ -225,5 +251,37 @@ def test_save_table_and_figures_write_all_files(store, tmp_path):
         assert side["run_ids"] and side["table"] == "table2"
     labels = [t.get_text() for t in figs["fig_total_time"].axes[0].get_legend().get_texts()]
     assert paper.PAPER_LABEL in labels
-    assert any("logical ranks (P<N)" in s and "not cluster time" in s for s in labels)
+    assert any("NOT a cluster time" in s and "logical ranks (P<N)" in s for s in labels)
+    sp = [t.get_text() for t in figs["fig_speedup"].axes[0].get_legend().get_texts()]
+    assert any(s.startswith("no value at np=4, 8, 16") for s in sp)
     assert not any(".tmp" in p.name or p.name.startswith(".") for p in (out / "fig").iterdir())
+
+
+def test_report_puts_the_paper_beside_every_row(store, tmp_path):
+    from labtools import report
+
+    runs = results.load_runs(store, "scaling")
+    brun = results.load_runs(store, "batch")
+    out = tmp_path / "figures" / "paper"
+    t2 = tables.table2_scaling(runs)
+    tables.save_table(t2, out / "tables", "table2_strong_scaling")
+    tables.save_table(tables.table2_per_run(runs), out / "tables", "table2_strong_scaling_runs")
+    tables.save_table(tables.table1_batch_sweep(brun, tables.load_rank_epochs_by_run(brun)), out / "tables",
+                      "table1_batch_sweep")
+    paths = report.write_report(out)
+    md = paths[0].read_text()
+    assert "## At a glance" in md and "61.61" in md  # the paper's np = 2 value, from labtools.paper
+    for row in t2.itertuples():  # every regenerated row, with our value as the table has it
+        assert f"| {row.np} | " in md and report._pm(row.test_acc_pct_mean, row.test_acc_pct_std) in md
+    assert "Figures 4-12" in md and "not comparable here" in md
+    assert paths[1].read_text().startswith("<!doctype html>") and "<table>" in paths[1].read_text()
+
+
+@pytest.mark.parametrize("paper_acc,mean,n,chance,verdict", [
+    (61.61, 60.0, 3, 0, "reproduced (-1.6 points)"), (61.61, 50.0, 3, 0, "differs (-11.6 points)"),
+    (61.61, 28.0, 3, 1, "differs: 1 of 3 seeds at chance here"), (46.6, 10.0, 3, 3, "collapsed here"),
+    (10.0, 10.0, 3, 3, "reproduced (collapse)"), (10.0, 14.0, 3, 2, "differs: 2 of 3 seeds at chance here")])
+def test_accuracy_verdicts(paper_acc, mean, n, chance, verdict):
+    from labtools.report import accuracy_verdict
+
+    assert accuracy_verdict(paper_acc, mean, n, chance) == verdict

@@ -246,7 +246,7 @@ def test_synchronous_step_counts_every_ranks_samples():
 def test_new_fields_keep_old_science_keys():
     from labtools.config import ADDED_LATER
 
-    cfg = RunConfig()
+    cfg = RunConfig(np=2)
     assert cfg.replace(**{k: v for k, v in ADDED_LATER.items()}).science_key() == cfg.science_key()
     assert cfg.replace(lr_schedule="cosine").science_key() != cfg.science_key()
 

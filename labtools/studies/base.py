@@ -50,5 +50,21 @@ class Study:
             paths += self.ctx.save_figure(fig, name)
         return paths
 
+    def publish(self, tables: dict, figures: dict) -> list:
+        """Save every table and figure (with provenance) and show them: tables as tables, figures inline."""
+        from IPython.display import Image, Markdown, display
+
+        from ..tables import display_frame
+
+        paths = self.save(tables, figures)
+        for name, t in tables.items():
+            display(Markdown(f"**{name}** (`{self.ctx.out_dir.name}/tables/{name}.csv`)"))
+            display(display_frame(t))
+            for note in t.attrs.get("notes", []):
+                display(Markdown(f"<small>{note}</small>"))
+        for name in figures:
+            display(Image(filename=str(self.ctx.out_dir / "figures" / f"{name}.png"), width=720))
+        return paths
+
     def config(self, experiment: str, **kw):
         return self.ctx.base_config(experiment, **kw)

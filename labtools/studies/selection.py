@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from ..experiments import Planned
-from ..profiles import SELECTION_CANDIDATES, processes_for
+from ..profiles import SELECTION_CANDIDATES, processes_for, strategy_of
 from .base import Study
 
 ALL = list(SELECTION_CANDIDATES)
@@ -27,14 +27,7 @@ def choose(val_table) -> str:
 
 def candidate_of(cfg: dict) -> str | None:
     """Which candidate a run's config (field -> value) is."""
-    from ..profiles import STRATEGY_FIELDS, _field
-    from ..config import RunConfig
-
-    default = RunConfig()
-    for k, want in SELECTION_CANDIDATES.items():
-        if all(_field(cfg, f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
-            return k
-    return None
+    return strategy_of(cfg, SELECTION_CANDIDATES, SELECTION_CANDIDATES)
 
 
 class SelectionStudy(Study):

@@ -1,0 +1,50 @@
+# ---
+# jupyter:
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 00 · Quickstart: an MPI engine pool and one short training run
+#
+# Starts two ipyparallel engines that are the two ranks of one MPI job, shows them with `%%px`,
+# trains SqueezeNet v1.1 on CIFAR-10 for one short epoch with the paper's settings (batch 24 per node,
+# 2 ranks per node, Adam 5e-4), plots each rank's log and stops the pool.
+
+# %% tags=["parameters"]
+profile = "quick"      # smoke | quick | paper (each study says what they mean: labtools/studies/)
+out_dir = None         # tables and figures go here (default: figures/<profile>)
+results_root = None    # the results store (default: results/)
+runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
+run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)
+
+# %%
+import os
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from IPython.display import Markdown, display
+from labtools.cluster import Pool
+from labtools.studies import QuickstartStudy
+
+study = QuickstartStudy(profile, out_dir, results_root, runner, run_missing)
+pool = Pool(n=2).start()
+pool.view.activate()   # enables %%px on the engines
+pool.ranks             # engine id -> MPI rank
+
+# %%
+# %%px
+from mpi4py import MPI
+print(f"MPI rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()} on {MPI.Get_processor_name()}")
+
+# %%
+summary = pool.run(study.run_config())   # labtools.train.run on both engines; their log lines stream here
+pool.stop()
+{k: summary[k] for k in ("world", "processes", "test_acc", "test_loss", "global_wall_s")}
+
+# %%
+figures = study.figures(summary, {})
+_ = study.publish({}, figures)
+display(Markdown(study.interpret(summary, {})))
