@@ -50,9 +50,14 @@ class Store:
             (self.by_key if m["numerics_current"] else self.stale).setdefault(m["science_key"], []).append(
                 (d, m) if m["numerics_current"] else d)
 
-    def find(self, p: Planned) -> Path | None:
-        """The record that stands for a planned run: cluster-timed if p.timed, then the newest."""
-        cands = [(d, m) for d, m in self.by_key.get(p.cfg.science_key(), []) if not p.timed or m["cluster_wall_time"]]
+    def find(self, p: Planned, strict: bool = True) -> Path | None:
+        """The record that stands for a planned run, the newest of its science. For a timed plan, a
+        cluster-timed record; with strict=False any record when there is none (its numbers still
+        count; its time says what it is)."""
+        cands = self.by_key.get(p.cfg.science_key(), [])
+        if p.timed:
+            timed = [(d, m) for d, m in cands if m["cluster_wall_time"]]
+            cands = timed if (timed or strict) else cands
         if not cands:
             return None
         return max(cands, key=lambda dm: (dm[1].get("end_utc") or "", dm[0].name))[0]
@@ -95,7 +100,7 @@ def stored(plan: list[Planned], desc: str | None = "runs") -> tuple[list[Path], 
     if not plan:
         return [], 0
     store = Store(_root(plan))
-    found = [store.find(p) for p in plan]
+    found = [store.find(p, strict=False) for p in plan]
     missing = sum(d is None for d in found)
     if desc:
         print(f"{desc}: {len(plan)} planned, {len(plan) - missing} in the results store, {missing} missing "

@@ -397,3 +397,35 @@ def fig_collapse_runs(runs_df, variant_of):
         _legend(a1)
     setattr(fig, RUN_IDS_ATTR, sorted(runs_df.run_id))
     return fig
+
+
+# ------------------------------------------------------------------ selection (notebook 04)
+
+def fig_selection(val_df, test_df=None, np_=48):
+    """Validation accuracy of every candidate (each seed a dot, the mean a bar), the chosen one marked;
+    beside it the winner's test accuracy on fresh seeds."""
+    seed_cols = sorted(c for c in val_df.columns if c.startswith("val_acc_pct_seed"))
+    with style():
+        fig, (ax,) = _new(width=8)
+        names = list(val_df["candidate"])
+        ys = range(len(names))
+        ax.barh(list(ys), val_df["val_acc_pct_mean"], color=["C2" if c else "0.75" for c in val_df["chosen"]],
+                label="validation accuracy, mean over selection seeds (green: chosen by the rule)")
+        for c in seed_cols:
+            ax.scatter(val_df[c], list(ys), color="k", s=14, zorder=3)
+        ax.scatter([], [], color="k", s=14, label="each selection seed (validation)")
+        if test_df is not None and len(test_df):
+            t_cols = sorted(c for c in test_df.columns if c.startswith("test_acc_pct_seed"))
+            y = names.index(test_df["candidate"].iloc[0])
+            for c in t_cols:
+                ax.scatter(test_df[c], [y - 0.3], color="C3", marker="D", s=22, zorder=4)
+            ax.scatter([], [], color="C3", marker="D", s=22, label="the chosen one: each fresh seed on the test set")
+        ax.axvline(10, color="0.6", lw=0.8, ls=":")
+        ax.set_yticks(list(ys), [textwrap.fill(n, 38) for n in names], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("accuracy after the last epoch (%)")
+        ax.set_title(f"Selection at np = {np_}: validation only, then the test set on fresh seeds")
+        _legend(ax)
+    ids = list(val_df.attrs.get("run_ids", [])) + (list(test_df.attrs.get("run_ids", [])) if test_df is not None else [])
+    setattr(fig, RUN_IDS_ATTR, ids)
+    return fig

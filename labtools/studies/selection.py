@@ -111,6 +111,14 @@ class SelectionStudy(Study):
             out["table_selection_test"] = self.test_table(test, winner)
         return out
 
+    def figures(self, collected, tabs: dict) -> dict:
+        from .. import figures
+
+        if "table_selection_validation" not in tabs:
+            return {}
+        return {"fig_selection": figures.fig_selection(tabs["table_selection_validation"], tabs.get("table_selection_test"),
+                                                       self.p["np"])}
+
     def interpret(self, collected, tables: dict) -> str:
         sel, winner, test = collected
         if winner is None:
