@@ -60,8 +60,12 @@ def _ours(ax, t2, col, timing, per_run=None, color=OURS):
         ax.errorbar(t2["np"], t2[mean], yerr=t2[std] if std else None, color=color, marker="o", ls="-",
                     label=f"this machine (mean ± std over seeds, {n})")
         if per_run is not None and col in per_run:
-            ax.scatter(per_run["np"], per_run[col], s=14, color=color, alpha=0.45, zorder=3, edgecolor="none",
-                       label="this machine, each seed")
+            ok = ~per_run["at_chance"].astype(bool) if "at_chance" in per_run else per_run[col].notna()
+            ax.scatter(per_run.loc[ok, "np"], per_run.loc[ok, col], s=14, color=color, alpha=0.45, zorder=3,
+                       edgecolor="none", label="this machine, each seed")
+            if (~ok).any():
+                ax.scatter(per_run.loc[~ok, "np"], per_run.loc[~ok, col], s=22, color="C3", marker="x", zorder=3,
+                           label="this machine, a seed at chance")
         return
     cl = t2[t2["wall_time_kind"] == CLUSTER]
     if len(cl):
