@@ -34,12 +34,6 @@ STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_sche
                    "opt_state", "conv10_init", "shuffle", "average_impl")
 
 
-def _field(cfg: dict, name: str, default):
-    """A config value; records older than a field (absent, or NaN in a loaded table) had its default."""
-    v = cfg.get(name, default)
-    return default if isinstance(v, float) and v != v else v
-
-
 def strategy_of(cfg: dict, names, table: dict | None = None) -> str | None:
     """Which named strategy (of `names` in `table`, default STRATEGIES) a run's config is, or None."""
     from .config import RunConfig
@@ -47,7 +41,7 @@ def strategy_of(cfg: dict, names, table: dict | None = None) -> str | None:
     default = RunConfig()
     for k in names:
         want = (table or STRATEGIES)[k]
-        if all(_field(cfg, f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
+        if all(cfg.get(f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
             return k
     return None
 

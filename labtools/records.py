@@ -80,14 +80,16 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
     - wall_time_kind (and cluster_wall_time) from the recorded hosts and cores: "unknown" when the
       record predates cores_per_host, which is never a cluster time;
     - numerics_version from the git commit (see _legacy_numerics), and numerics_current;
+    - config fields added later, at their defaults (the value those runs used); summary fields added
+      later (the initialisation probe) as NaN;
     - eval_set "test"; collapsed and at_chance recomputed with today's one definition (metrics).
     """
     m, s = dict(manifest), dict(summary or {})
     world = m["world"]
     known = {f for f in RunConfig.__dataclass_fields__}
-    cfg = {k: v for k, v in m["config"].items() if k in known}
+    cfg = {**RunConfig().to_dict(), **{k: v for k, v in m["config"].items() if k in known}}  # fields added later
     cfg["np"] = cfg.get("np") or world
-    m["config"] = {**m["config"], "np": cfg["np"]}
+    m["config"] = {**m["config"], **cfg}
     m["science_key"] = RunConfig(**cfg).science_key()
     if "other_cores" not in m:  # recorded since the load check; before it, a time's contention is unknown
         m["wall_time_kind"] = wall_time_kind(world, m["processes"], m.get("hosts"), m.get("cores_per_host"))
@@ -98,6 +100,8 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
     m.setdefault("eval_set", "test")
     if s:
         ev = s.setdefault("eval_set", m["eval_set"])
+        for k in ("init_dead_conv10_frac", "init_dead_relu_frac"):  # before the initialisation probe
+            s.setdefault(k, float("nan"))
         s["cluster_wall_time"] = m["cluster_wall_time"]
         if f"{ev}_loss" in s:
             s["collapsed"] = is_collapsed(s[f"{ev}_loss"])

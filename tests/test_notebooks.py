@@ -34,7 +34,8 @@ EXPECTED_TABLES = ["table1_batch_sweep", "table1_batch_sweep_runs", "table2_stro
                    "table_selection_validation", "table_selection_test"]
 EXPECTED_FIGURES = ["quickstart_rank_log", "fig04_05_batch_sweep", "fig06_rank_log_np2", "fig07_rank_log_np4",
                     "fig08_speedup", "fig09_efficiency", "fig10_train_accuracy", "fig11_total_time",
-                    "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np", "fig_collapse_runs"]
+                    "fig12_train_loss", "fig_test_accuracy", "fig_sync_accuracy_vs_np", "fig_collapse_runs",
+                    "fig_selection"]
 
 
 def test_tables_and_figures_exist_with_provenance(smoke):

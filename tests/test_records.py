@@ -54,6 +54,9 @@ def test_migrate_an_old_record():
     assert m["wall_time_kind"] == records.UNKNOWN and m["cluster_wall_time"] is False  # no cores_per_host
     assert m["numerics_version"] == 2 and m["numerics_current"]
     assert s["eval_set"] == "test" and s["at_chance"] and not s["collapsed"]  # 10.11 %: at chance, not at ln 10
+    old_cfg = {k: v for k, v in RunConfig().to_dict().items() if k not in ("lr_schedule", "val_split")}
+    m, _ = records.migrate(_old(config=old_cfg))
+    assert m["config"]["lr_schedule"] == "constant" and m["config"]["val_split"] == 0  # fields added later
     m, _ = records.migrate(_old(cores_per_host={"h": 2}))
     assert m["wall_time_kind"] == records.UNKNOWN_LOAD and not m["cluster_wall_time"]  # load never measured
 

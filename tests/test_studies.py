@@ -82,3 +82,18 @@ def test_selection_rule_and_fresh_test_seeds(tmp_path):
     assert [p.cfg.seed for p in tp] == [3, 4, 5] and all(p.cfg.val_split == 0 for p in tp)
     with pytest.raises(ValueError, match="fresh seeds"):
         SelectionStudy("paper", out_dir=tmp_path / "f", results_root=tmp_path / "r", test_seeds=[2, 3]).test_plan(winner)
+
+
+def test_recommended_is_what_the_selection_study_chose():
+    """profiles.RECOMMENDED is not an opinion: the rule, applied to the stored paper-profile selection runs,
+    picks it (and its test runs use seeds the choice never saw)."""
+    from pathlib import Path
+
+    from labtools.profiles import RECOMMENDED
+
+    root = Path(__file__).resolve().parents[1]
+    st = SelectionStudy("paper", out_dir=root / "figures" / "paper", results_root=root / "results", run_missing=False)
+    sel, winner, test = st.collect()
+    assert len(sel) == len(st.plan()), "the paper-profile selection runs are not all in results/"
+    assert winner == RECOMMENDED
+    assert set(test.cfg_seed) == set(st.p["test_seeds"]) and not set(test.cfg_seed) & set(sel.cfg_seed)

@@ -81,8 +81,8 @@ class StrongScalingStudy(Study):
         else:
             lines.append(f"None of the {n_runs} runs ended at chance (and none collapsed exactly to ln 10).")
         timed = t2[t2.n_timed > 0]
+        reasons = sorted({k.split(": ", 1)[-1] for kinds in t2[t2.n_timed == 0].wall_time_kind for k in kinds.split("; ")})
         lines.append(f"{len(timed)} of {len(t2)} rows have cluster-valid wall times (np "
-                     + (", ".join(str(int(n)) for n in timed.np) or "none")
-                     + "); the others ran more processes than cores or as logical ranks, so they have no speedup "
-                       "or efficiency here.")
+                     + (", ".join(str(int(n)) for n in timed.np) or "none") + ")"
+                     + (f"; the others have no speedup or efficiency here ({'; '.join(reasons)})." if reasons else "."))
         return " ".join(lines) + self.ctx.title_note()

@@ -57,8 +57,6 @@ class SyncStrategiesStudy(Study):
             collapse = collapse.assign(
                 test_acc_pct=100 * collapse.test_acc, variant=[variant_of(r) for r in collapse.itertuples()],
                 dead_below_frac=[results.load_epochs(d).dead_relu_frac.iloc[-1] for d in collapse.run_dir])
-            if "init_dead_conv10_frac" not in collapse:  # records made before the init probe existed
-                collapse["init_dead_conv10_frac"] = float("nan")
         runs = self.ctx.ensure(self.plan(), "sync strategies")
         if len(runs):
             runs["strategy"] = [strategy_of({k[4:]: v for k, v in r.items() if k.startswith("cfg_")}, self.p["strategies"])
