@@ -97,6 +97,8 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
     if "numerics_version" not in m:
         m["numerics_version"] = _legacy_numerics(m.get("git_commit"))
     m["numerics_current"] = numerics.is_current(m["numerics_version"], cfg.get("sync", "epoch-average"))
+    if m["numerics_version"] == numerics.VERSION and m.get("numerics_sources", numerics.SOURCES_SHA) != numerics.SOURCES_SHA:
+        m["numerics_current"] = False  # made by numerics modules that differ from today's under the same version
     m.setdefault("eval_set", "test")
     if s:
         ev = s.setdefault("eval_set", m["eval_set"])

@@ -70,6 +70,10 @@ def test_migrate_numerics_from_the_commit():
     assert not records.migrate(_old(git_commit="f" * 40))[0]["numerics_current"]  # a commit we cannot place
     new = records.migrate(_old(numerics_version=numerics.VERSION, git_commit=None))[0]
     assert new["numerics_current"]
+    dirty = _old(numerics_version=numerics.VERSION, numerics_sources="0" * 16, git_commit="abc+dirty")
+    assert not records.migrate(dirty)[0]["numerics_current"]  # same version, other numerics code
+    same = _old(numerics_version=numerics.VERSION, numerics_sources=numerics.SOURCES_SHA, git_commit="abc+dirty")
+    assert records.migrate(same)[0]["numerics_current"]
 
 
 def test_outcome_definitions():
