@@ -28,11 +28,27 @@ RULES = [
 ]
 
 
+# Columns each table must have to be reported; a table written by older code lacks some.
+_NEEDS = {"table2_strong_scaling": {"at_chance", "n_timed", "seeds"}, "table1_batch_sweep": {"avg_epoch_warm_s", "seeds"},
+          "table_selection_validation": {"chosen"}}
+
+
+class StaleTable(ValueError):
+    pass
+
+
 def _read(tables: Path, name: str):
     import pandas as pd
 
     p = tables / f"{name}.csv"
-    return pd.read_csv(p) if p.exists() else None
+    if not p.exists():
+        return None
+    t = pd.read_csv(p)
+    missing = _NEEDS.get(name, set()) - set(t.columns)
+    if missing:
+        raise StaleTable(f"{p} was written by an older labtools (no {', '.join(sorted(missing))}); "
+                         f"re-run its notebook (`labtools reproduce --profile {tables.parent.name} --stored-only`)")
+    return t
 
 
 def _pm(mean, std, d=2) -> str:
