@@ -62,10 +62,11 @@ LABELS = {
     "base_np": "base np", "collapsed": "collapsed runs", "n_runs": "n runs", "wall_time_kind": "wall time kind",
     "at_chance": "runs at chance", "avg_epoch_warm_s": "avg epoch time, epochs 2+ (s)", "seeds": "seeds",
     "end_to_end_img_per_s": "end-to-end throughput (img/s)", "n_timed": "n cluster-timed runs", "seed": "seed",
-    "run_id": "run id", "wall_s": "wall time, slowest rank (s)",
+    "run_id": "run id", "wall_s": "wall time, slowest rank (s)", "val_acc_pct": "validation acc (%)",
+    "val_loss": "validation loss", "chosen": "chosen by the rule", "experiment": "experiment",
     "paper_test_acc_pct": "paper test acc (%)", "paper_test_loss": "paper test loss",
 }
-DECIMALS = {"avg_epoch_s": 2, "avg_epoch_warm_s": 2, "end_to_end_img_per_s": 1, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
+DECIMALS = {"val_acc_pct": 2, "val_loss": 4, "avg_epoch_s": 2, "avg_epoch_warm_s": 2, "end_to_end_img_per_s": 1, "mean_step_s": 4, "global_img_per_s": 1, "peak_rss_mb": 1, "cpu_pct": 1,
             "test_acc_pct": 2, "test_loss": 4, "mean_train_loss": 4, "mean_train_acc_pct": 2, "wall_s": 2,
             "speedup": 3, "efficiency_pct": 2, "paper_test_acc_pct": 2, "paper_test_loss": 4}
 
@@ -231,6 +232,10 @@ def display_frame(df):
             continue  # printed with its mean
         base = c[:-5] if c.endswith("_mean") else c
         d = DECIMALS.get(base)
+        if "_pct_seed" in c:  # one column per seed: "val acc, seed 3 (%)"
+            what, seed = c.split("_pct_seed")
+            out[f"{LABELS.get(what + '_pct', what).replace(' (%)', '')}, seed {seed} (%)"] = [_fmt(v, 2) for v in df[c]]
+            continue
         std_col = base + "_std"
         if std_col in df.columns:
             out[LABELS.get(base, base)] = [
