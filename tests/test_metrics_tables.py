@@ -280,7 +280,8 @@ def test_report_puts_the_paper_beside_every_row(store, tmp_path):
 @pytest.mark.parametrize("paper_acc,mean,n,chance,verdict", [
     (61.61, 60.0, 3, 0, "reproduced (-1.6 points)"), (61.61, 50.0, 3, 0, "differs (-11.6 points)"),
     (61.61, 28.0, 3, 1, "differs: 1 of 3 seeds at chance here"), (46.6, 10.0, 3, 3, "collapsed here"),
-    (10.0, 10.0, 3, 3, "reproduced (collapse)"), (10.0, 14.0, 3, 2, "differs: 2 of 3 seeds at chance here")])
+    (10.0, 10.0, 3, 3, "reproduced (collapse)"), (10.0, 14.0, 3, 2, "differs: 2 of 3 seeds at chance here"),
+    (10.0, 22.0, 3, 0, "differs: trains here, no seed at chance")])
 def test_accuracy_verdicts(paper_acc, mean, n, chance, verdict):
     from labtools.report import accuracy_verdict
 
