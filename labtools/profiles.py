@@ -29,6 +29,10 @@ SELECTION_CANDIDATES = {
     "allreduce, sqrt lr, warmup 2, cosine": {"sync": "allreduce", **TUNED},
     TUNED_ALLREDUCE: STRATEGIES[TUNED_ALLREDUCE],
 }
+# What labtools recommends at large np: the selection study's choice (notebook 04, paper profile) by its
+# rule on validation data. tests/test_studies.py re-applies the rule to the stored runs and fails if this
+# is not what it picks.
+RECOMMENDED = TUNED_ALLREDUCE
 # The RunConfig fields a strategy may set; any it leaves out must be at their defaults.
 STRATEGY_FIELDS = ("sync", "sync_every", "lr_scaling", "warmup_epochs", "lr_schedule", "final_relu", "dropout",
                    "opt_state", "conv10_init", "shuffle", "average_impl")

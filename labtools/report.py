@@ -153,7 +153,7 @@ def table1_section(t1) -> tuple[list[str], list[str], str]:
     return lines, verdicts, shape
 
 
-def selection_section(val, test) -> tuple[list[str], str | None]:
+def selection_section(val, test, t2=None) -> tuple[list[str], str | None]:
     if val is None:
         return [], None
     w = val[val.chosen].iloc[0]
@@ -172,7 +172,14 @@ def selection_section(val, test) -> tuple[list[str], str | None]:
         seeds = [c for c in test.columns if c.startswith("test_acc_pct_seed")]
         summary = (f"**{w.candidate}**, chosen on validation data, scores {_pm(t.test_acc_pct_mean, t.test_acc_pct_std)}% "
                    f"test accuracy at np = {int(t.np)} on fresh seeds ({', '.join(c[len('test_acc_pct_seed'):] for c in seeds)}; "
-                   f"{int(t.at_chance)} of {int(t.n_runs)} at chance), where the paper's configuration is at chance.")
+                   f"{int(t.at_chance)} of {int(t.n_runs)} at chance)")
+        same = t2[t2.np == int(t.np)] if t2 is not None else []
+        if len(same):
+            p = same.iloc[0]
+            summary += (f"; the paper's configuration at the same np: {_pm(p.test_acc_pct_mean, p.test_acc_pct_std)}% here "
+                        f"({int(p.at_chance)} of {int(p.n_runs)} at chance), {paper.table2().set_index('np').loc[int(t.np), 'test_acc_pct']:.2f}% "
+                        f"in the paper")
+        summary += "."
         lines += ["", summary]
     return lines, summary
 
@@ -209,7 +216,7 @@ def build_report(out_dir) -> str:
         verdicts["Table 1"] = v
         glance.append(f"**Batch-size sweep** (Table 1): absolute times are {NOT_COMPARABLE} (different hardware); "
                       f"the optimum: {shape}.")
-    sel_lines, sel_summary = selection_section(val, test)
+    sel_lines, sel_summary = selection_section(val, test, t2)
     if sel_summary:
         glance.append("**Beyond the paper**: " + sel_summary)
     body += sel_lines + ([""] if sel_lines else [])
