@@ -36,7 +36,7 @@ def results_section(profile_dir) -> str:
         w = val[val.chosen].iloc[0]
         flags = " ".join(cli_args(RunConfig(np=48, **SELECTION_CANDIDATES[w.candidate])))
         lines += ["The configuration to use at large np, as the selection study chose it:", "", "```bash",
-                  f"mpiexec -n 2 labtools train {flags}", "```", ""]
+                  f".venv/bin/mpiexec -n 2 .venv/bin/labtools train {flags}", "```", ""]
         lines.append(f"The configuration chosen for np = 48 on validation data (notebook 04): **{w.candidate}** "
                      f"({_pm(w.val_acc_pct_mean, w.val_acc_pct_std)}% validation accuracy over {w.n_runs} seeds)"
                      + (f"; on the test set with fresh seeds: {_pm(test.iloc[0].test_acc_pct_mean, test.iloc[0].test_acc_pct_std)}% "
