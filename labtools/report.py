@@ -94,7 +94,8 @@ def table2_section(t2, per_run) -> tuple[list[str], list[str]]:
     """(markdown lines, verdicts) for Table 2."""
     p2 = paper.table2().set_index("np")
     lines = ["## Table 2: strong scaling, row by row", "",
-             "Test accuracy after 10 epochs (the paper: one value per np, 'cross-run means' of 3 repeats; here: "
+             f"Test accuracy after {int(t2.epochs.max())} epochs (the paper: 10 epochs, one value per np, 'cross-run means' "
+             "of 3 repeats; here: "
              "mean ± sample std over seeds, each seed listed, * = at chance). "
              "[table](tables/table2_strong_scaling.md) · [every run](tables/table2_strong_scaling_runs.md)", "",
              "| np | paper test acc (%) | here (%) | n | each seed (%) | at chance (exact collapse) | paper train acc (%) | "

@@ -64,6 +64,6 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
     try:
         for path in write_report(out_dir):
             print(f"[reproduce] report -> {_rel(path)}", flush=True)
-    except StaleTable as e:  # some notebook of this profile has not been re-run since the tables changed
+    except (StaleTable, FileNotFoundError) as e:  # a notebook not re-run since the tables changed, or not run at all
         print(f"[reproduce] no report: {e}", flush=True)
     return done
