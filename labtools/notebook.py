@@ -73,27 +73,35 @@ class Context:
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
         return df[df.run_dir.isin(keep)].reset_index(drop=True) if len(df) else df
 
-    def provenance(self, **extra) -> dict:
+    def _missing(self, parts=None) -> dict:
+        """The gaps of the given parts of the study (ensure's desc names), or of all of it."""
+        return {k: v for k, v in self.missing.items() if parts is None or k in parts}
+
+    def provenance(self, parts=None, **extra) -> dict:
+        miss = self._missing(parts)
         return {"profile": self.profile, "reduced_protocol": self.reduced, "notebook": self.notebook,
-                "profile_params": self.params, "partial": bool(self.missing), "runs_missing": dict(self.missing),
+                "profile_params": self.params, "partial": bool(miss), "runs_missing": miss,
                 **extra}
 
-    def save_table(self, df, name: str, run_ids=None, **extra):
+    def save_table(self, df, name: str, run_ids=None, parts=None, **extra):
         from .tables import save_table
 
-        return save_table(df, self.out_dir / "tables", name, provenance=self.provenance(**extra), run_ids=run_ids)
+        return save_table(df, self.out_dir / "tables", name, provenance=self.provenance(parts, **extra),
+                          run_ids=run_ids)
 
-    def save_figure(self, fig, name: str, run_ids=None, **extra):
+    def save_figure(self, fig, name: str, run_ids=None, parts=None, **extra):
         from .figures import save_figure
 
-        if self.title_note():  # a reduced or partial study says so on the figure, not only in the sidecar
+        note = self.title_note(parts)
+        if note:  # a reduced or partial study says so on the figure, not only in the sidecar
             for ax in fig.axes[:1]:
-                ax.set_title(ax.get_title() + "\n" + self.title_note().strip(), fontsize=ax.title.get_fontsize())
-        return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(**extra), run_ids=run_ids)
+                ax.set_title(ax.get_title() + "\n" + note.strip(), fontsize=ax.title.get_fontsize())
+        return save_figure(fig, self.out_dir / "figures", name, provenance=self.provenance(parts, **extra),
+                           run_ids=run_ids)
 
-    def title_note(self) -> str:
+    def title_note(self, parts=None) -> str:
         note = "" if not self.reduced else f" [profile '{self.profile}': reduced protocol]"
-        for desc, m in self.missing.items():
+        for desc, m in self._missing(parts).items():
             note += f" [partial: {m['planned'] - m['missing']} of {m['planned']} planned {desc} runs]"
         return note
 

@@ -14,6 +14,9 @@ class Study:
     notebook: ClassVar[str]  # the notebook this study is the code of (see labtools.studies.NOTEBOOKS)
     title: ClassVar[str]
     PARAMS: ClassVar[dict[str, dict]]  # profile -> parameters
+    # Output name -> the parts of the study (ensure's descriptions) it is made from; others: all parts.
+    # A gap in one part marks only the outputs made from it as partial.
+    PARTS: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, profile: str = "quick", out_dir=None, results_root=None, runner: str = "pool",
                  run_missing: bool = True, **overrides):
@@ -41,13 +44,16 @@ class Study:
     def interpret(self, runs, tables: dict) -> str:
         return ""
 
+    def parts_of(self, name: str):
+        return self.PARTS.get(name)
+
     # -------------------------------------------------------------- writing
     def save(self, tables: dict, figures: dict) -> list:
         paths = []
         for name, t in tables.items():
-            paths += self.ctx.save_table(t, name)
+            paths += self.ctx.save_table(t, name, parts=self.parts_of(name))
         for name, fig in figures.items():
-            paths += self.ctx.save_figure(fig, name)
+            paths += self.ctx.save_figure(fig, name, parts=self.parts_of(name))
         return paths
 
     def publish(self, tables: dict, figures: dict) -> list:

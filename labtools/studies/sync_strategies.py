@@ -25,6 +25,11 @@ def variant_of(r) -> str | None:
 class SyncStrategiesStudy(Study):
     notebook = "03_sync_strategies"
     title = "Sync strategies that do not collapse, and the collapse explained"
+    PARTS = {"table_collapse_frequency": ("collapse frequency",), "fig_collapse_runs": ("collapse frequency",)}
+
+    def parts_of(self, name: str):
+        return self.PARTS.get(name, ("sync strategies",))
+
     PARAMS = {
         "smoke": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_variants=["caffe", "unit"], nps=[2, 4],
                       strategies=[PAPER_SYNC, TUNED_ALLREDUCE], seeds=[0], epochs=2, limit_train=480, limit_test=200,
