@@ -92,14 +92,14 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False)
             bar.update(1)
             ev = s.get("eval_set", "test")
             bar.set_postfix_str(f"np={p.cfg.np}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, {s['global_wall_s']:.0f}s")
-    return stored(plan, desc=None)[0]
+    return stored(plan, desc=None, store=None if todo else store)[0]
 
 
-def stored(plan: list[Planned], desc: str | None = "runs") -> tuple[list[Path], int]:
+def stored(plan: list[Planned], desc: str | None = "runs", store: Store | None = None) -> tuple[list[Path], int]:
     """The record for each planned run the store holds, and how many planned runs have none."""
     if not plan:
         return [], 0
-    store = Store(_root(plan))
+    store = store or Store(_root(plan))
     found = [store.find(p, strict=False) for p in plan]
     missing = sum(d is None for d in found)
     if desc:

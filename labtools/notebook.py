@@ -19,17 +19,13 @@ def project_root() -> Path:
 class Context:
     def __init__(self, profile: str, notebook: str, out_dir=None, results_root=None, runner: str = "pool",
                  run_missing: bool = True, params: dict | None = None):
-        if params is None:
-            from .studies import study
-
-            params = study(notebook, profile).p
         root = project_root()
         # run_missing=False renders what the store holds: a long study (the paper profile of 03 is
         # ~12 h on 2 cores) can be looked at part way, and every output says how much is missing.
         self.run_missing = run_missing
         self.missing: dict[str, dict] = {}
         self.profile, self.notebook, self.runner_kind = profile, notebook, runner
-        self.params = dict(params)
+        self.params = dict(params or {})
         self.out_dir = Path(out_dir) if out_dir else root / "figures" / profile
         self.results_root = Path(results_root) if results_root else root / "results"
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -117,8 +113,4 @@ class _Closing:
         return False
 
 
-def plan(cfgs_and_processes) -> list:
-    return [experiments.Planned(c, p) for c, p in cfgs_and_processes]
-
-
-__all__ = ["Context", "plan", "project_root", "provenance"]
+__all__ = ["Context", "project_root"]

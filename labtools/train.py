@@ -7,7 +7,6 @@ the processes evaluate the synchronized model on the test set together, the root
 from __future__ import annotations
 
 import hashlib
-import math
 import os
 import time
 from pathlib import Path
@@ -111,20 +110,16 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
     run_dir = Path(comm.bcast(str(run_dir) if run_dir else None))
     hosts = comm.gather(comm.host)
     cores = comm.gather((comm.host, os.cpu_count()))
-    # Decided here, once; every table and figure only reads it.
-    time_kind = records.wall_time_kind(world, comm.size, hosts, dict(cores) if cores else None) if comm.is_root else None
     manifest = {
         "config": {**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
                    "out": provenance.portable_path(cfg.out)}, "world": world, "processes": comm.size, "ranks_per_process": w.k,
-        "wall_time_kind": time_kind, "cluster_wall_time": time_kind == records.CLUSTER, "hosts": hosts,
+        "hosts": hosts,
         "cores_per_host": dict(cores) if cores else None, "science_key": cfg.science_key(),
         "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
         "versions": provenance.versions(), "host": provenance.host(), "start_utc": provenance.utc_now(),
-        "n_train": len(ytr), "n_test": len(yte), "steps_per_epoch": w.steps_per_epoch,
+        "n_train": len(ytr), "n_test": len(yte) if eset == "test" else 0, "steps_per_epoch": w.steps_per_epoch,
         "seed": cfg.seed, "status": "running", "eval_set": eset, "n_eval": len(yte),
         "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
-        # Other load on the machine while the run went: wall times beside other jobs are not benchmarks.
-        "load_avg_start": list(os.getloadavg()),
     }
     if comm.is_root:
         results.write_json(run_dir / "manifest.json", manifest)
@@ -196,7 +191,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         raise
 
     global_wall = comm.max(train_wall)
-    # Other load on each host during the run decides, with the topology, whether this is a cluster time.
+    # Decided here, once (topology and the other load measured on each host); tables and figures only read it.
     spans = comm.gather((comm.host, *mon.span()))
     if comm.is_root:
         other = records.other_load(spans)
@@ -227,8 +222,7 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
         _say(cfg, f"[Root] {'Test' if eset == 'test' else 'Validation'} acc: {summary[f'{eset}_acc']:.4f} | "
                   f"{'Test' if eset == 'test' else 'Validation'} loss: {summary[f'{eset}_loss']:.4f}")
-        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now(),
-                                                       "load_avg_end": list(os.getloadavg())})
+        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now()})
         results.append_csv_row(Path(cfg.out) / cfg.experiment / "scaling_results.csv", {
             "world": world, "epochs": cfg.epochs, "batch_per_node": cfg.batch_per_node,
             "batch_per_rank": cfg.batch_per_rank, "mean_train_loss": f"{summary['mean_train_loss']:.4f}",

@@ -8,6 +8,8 @@
 """
 from __future__ import annotations
 
+import math
+
 from ..experiments import Planned
 from ..profiles import SELECTION_CANDIDATES, processes_for, strategy_of
 from .base import Study
@@ -19,10 +21,12 @@ def choose(val_table) -> str:
     """The rule: the highest mean validation accuracy over the selection seeds; a tie goes to fewer
     runs at chance, then to the smaller spread, then to the earlier candidate in the list."""
     order = {k: i for i, k in enumerate(SELECTION_CANDIDATES)}
-    rows = sorted(val_table.itertuples(), key=lambda r: (-r.val_acc_pct_mean, r.at_chance,
-                                                         r.val_acc_pct_std if r.val_acc_pct_std == r.val_acc_pct_std else 0.0,
-                                                         order.get(r.candidate, len(order))))
-    return rows[0].candidate
+
+    def key(r):
+        spread = 0.0 if math.isnan(r.val_acc_pct_std) else r.val_acc_pct_std  # one seed: no spread
+        return -r.val_acc_pct_mean, r.at_chance, spread, order.get(r.candidate, len(order))
+
+    return min(val_table.itertuples(), key=key).candidate
 
 
 def candidate_of(cfg: dict) -> str | None:
@@ -73,34 +77,32 @@ class SelectionStudy(Study):
         cfgs = [{k[4:]: v for k, v in r.items() if k.startswith("cfg_")} for _, r in runs.iterrows()]
         return runs.assign(candidate=[candidate_of(c) for c in cfgs])
 
-    def val_table(self, sel):
-        """Per candidate: validation accuracy mean ± std over the selection seeds, runs at chance, each seed."""
+    @staticmethod
+    def _per_candidate(r, ev: str):
+        """Per candidate: <ev> accuracy and loss (mean ± std over seeds), runs at chance, one column per seed."""
         from .. import metrics
 
-        r = self._with_candidate(sel).assign(val_acc_pct=lambda d: 100 * d.val_acc)
-        t = metrics.aggregate(r, "candidate", ["val_acc_pct", "val_loss"])
+        r = r.assign(**{f"{ev}_acc_pct": 100 * r[f"{ev}_acc"]})
+        t = metrics.aggregate(r, "candidate", [f"{ev}_acc_pct", f"{ev}_loss"])
         t = t.merge(r.groupby("candidate").agg(at_chance=("at_chance", "sum"), collapsed=("collapsed", "sum"))
                     .reset_index(), on="candidate")
-        seeds = r.pivot_table(index="candidate", columns="cfg_seed", values="val_acc_pct")
-        seeds.columns = [f"val_acc_pct_seed{int(c)}" for c in seeds.columns]
+        seeds = r.pivot_table(index="candidate", columns="cfg_seed", values=f"{ev}_acc_pct")
+        seeds.columns = [f"{ev}_acc_pct_seed{int(c)}" for c in seeds.columns]
         t = t.merge(seeds.reset_index(), on="candidate")
+        t.attrs["run_ids"] = sorted(r["run_id"])
+        return t
+
+    def val_table(self, sel):
+        """Every candidate on validation data, the rule's choice marked."""
+        t = self._per_candidate(self._with_candidate(sel), "val")
         t["chosen"] = t["candidate"] == choose(t)
-        t.attrs["run_ids"] = sorted(sel["run_id"])
-        return t.sort_values("val_acc_pct_mean", ascending=False).reset_index(drop=True)
+        out = t.sort_values("val_acc_pct_mean", ascending=False).reset_index(drop=True)
+        out.attrs = dict(t.attrs)
+        return out
 
     def test_table(self, test, winner):
-        """The winner on the test set, fresh seeds: mean ± std and each seed."""
-        from .. import metrics
-
-        r = test.assign(candidate=winner, test_acc_pct=100 * test.test_acc)
-        t = metrics.aggregate(r, "candidate", ["test_acc_pct", "test_loss"])
-        t = t.merge(r.groupby("candidate").agg(at_chance=("at_chance", "sum"), collapsed=("collapsed", "sum"))
-                    .reset_index(), on="candidate")
-        seeds = r.pivot_table(index="candidate", columns="cfg_seed", values="test_acc_pct")
-        seeds.columns = [f"test_acc_pct_seed{int(c)}" for c in seeds.columns]
-        t = t.merge(seeds.reset_index(), on="candidate").assign(np=self.p["np"])
-        t.attrs["run_ids"] = sorted(test["run_id"])
-        return t
+        """The winner on the test set, fresh seeds."""
+        return self._per_candidate(test.assign(candidate=winner), "test").assign(np=self.p["np"])
 
     def tables(self, collected) -> dict:
         sel, winner, test = collected
