@@ -98,11 +98,11 @@ def _whoami():
     return MPI.COMM_WORLD.Get_rank(), MPI.COMM_WORLD.Get_size(), socket.gethostname(), os.getpid()
 
 
-def _train(d):
+def _train(d, resume=None):
     from labtools.config import RunConfig
     from labtools.train import run
 
-    return run(RunConfig.from_dict(d))
+    return run(RunConfig.from_dict(d), resume=resume)
 
 
 # ------------------------------------------------------------------ profile
@@ -336,12 +336,14 @@ class Pool:
         return found
 
     # -------------------------------------------------------------- running tasks
-    def run(self, cfg: RunConfig | dict, *, timeout: float | None = None, restart_on_death: bool = True,
+    def run(self, cfg: RunConfig | dict, *, resume=None, timeout: float | None = None, restart_on_death: bool = True,
             stream: bool = True) -> dict:
-        """labtools.train.run(cfg) on every engine; return the root's summary (all ranks: last_results)."""
+        """labtools.train.run(cfg) on every engine; return the root's summary (all ranks: last_results).
+        resume: a stopped run's folder to continue from its checkpoint (cfg is then its recorded one)."""
         d = cfg.to_dict() if isinstance(cfg, RunConfig) else dict(cfg)
         RunConfig.from_dict(d).validate()  # a user error is one sentence here, before any engine works
-        self.last_results = self.apply(_train, d, timeout=timeout, restart_on_death=restart_on_death,
+        resume = None if resume is None else str(resume)
+        self.last_results = self.apply(_train, d, resume, timeout=timeout, restart_on_death=restart_on_death,
                                        stream=stream, name="training")
         return self.last_results[0]
 

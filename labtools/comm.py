@@ -1,25 +1,78 @@
-"""The thin layer over mpi4py: world, rank, the few collectives labtools uses, error agreement, abort.
+"""The thin layer over mpi4py, and the whole "one process fails, every process stops" protocol.
 
-Failure rule: before every collective a process calls ``agree(ok)``; if any process failed, every
-process raises RankFailure with the failing ranks' messages, so nobody waits forever in a
-collective. The CLI turns an uncaught exception into ``Abort`` as the last resort (a rank killed
-outright is MPI's own job to clean up; mpiexec does so).
+The protocol, in one place:
+- A phase (some training steps, an evaluation) runs through ``Comm.phase``. A process that fails
+  posts its message to every peer without blocking (``post_error``), then all meet in ``agree``; if
+  any process failed, every process raises ``RankFailure`` naming the failed processes, so nobody
+  waits forever in a collective.
+- Inside a phase, ``check()`` (called before every step) stops early when a peer posted a failure
+  (``PeerFailed``) or when this process received SIGTERM/SIGINT (``Interrupted``: the signal handler
+  only sets a flag, so a signal never lands in the middle of a collective). A synchronous step that
+  fails after its peers entered the step's Allreduce joins it with the error flag set
+  (``fail_step``); the peers' step raises ``PEER_MARK``.
+- If every failure is an interruption, the agreement raises ``RunInterrupted`` instead.
+- Every blocking collective is watched: a wait longer than ``wait_limit`` seconds (a peer hung or
+  gone under a launcher that does not clean up) calls ``on_stuck`` and aborts the job.
+- A process killed outright is mpiexec's to clean up; `labtools.keeper` records it.
 """
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import sys
+import threading
+import time
 
 import numpy as np
+
+PEER_MARK = "LABTOOLS_PEER_FAILED"
 
 
 class RankFailure(RuntimeError):
     """Raised on every process when any process reported a failure."""
 
 
+class RunInterrupted(RankFailure):
+    """Raised on every process when the only failures were SIGTERM/SIGINT."""
+
+
+class PeerFailed(Exception):
+    """Another process reported a failure; stop this phase and go to the agreement point."""
+
+
+class Interrupted(Exception):
+    """This process received SIGTERM or SIGINT."""
+
+
+INTERRUPTED = "interrupted by "
+stop_signal: str | None = None  # set by the handler catch_signals installs
+
+
+def catch_signals() -> None:
+    """SIGTERM/SIGINT only set a flag, acted on at the next step or phase end (main thread only).
+
+    A signal handler that raised would land anywhere, e.g. inside a collective, and leave the peers
+    waiting. A second Ctrl-C stops at once.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(sig, _frame):
+        global stop_signal
+        if stop_signal and sig == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            raise KeyboardInterrupt
+        stop_signal = signal.Signals(sig).name
+
+    for s in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(s, handler)
+
+
 class Comm:
-    def __init__(self, mpi_comm=None):
+    ERR_TAG = 7301
+
+    def __init__(self, mpi_comm=None, wait_limit: float | None = None):
         from mpi4py import MPI
 
         self.MPI = MPI
@@ -30,20 +83,30 @@ class Comm:
         # processes sharing this host (for the default thread count)
         self.node = self.c.Split_type(MPI.COMM_TYPE_SHARED, key=self.rank)
         self.local_size = self.node.Get_size()
+        self._posted = []
+        self.wait_limit = wait_limit
+        self.on_stuck = None  # called with one sentence before a stuck wait aborts the job
+        self._waiting: tuple[str, float] | None = None
+        self._watch = None
 
     @property
     def is_root(self) -> bool:
         return self.rank == 0
 
     # --------------------------------------------------------- agreement
-    ERR_TAG = 7301
-
     def post_error(self, msg: str) -> None:
         """Tell every other process, without blocking, that this one failed (they poll per step)."""
         self._posted = [self.c.isend(msg, dest=d, tag=self.ERR_TAG) for d in range(self.size) if d != self.rank]
 
     def error_pending(self) -> bool:
         return self.size > 1 and self.c.iprobe(source=self.MPI.ANY_SOURCE, tag=self.ERR_TAG)
+
+    def check(self) -> None:
+        """Before every step: stop on a peer's posted failure or on a signal to this process."""
+        if stop_signal:
+            raise Interrupted(f"{INTERRUPTED}{stop_signal} on host {self.host}")
+        if self.error_pending():
+            raise PeerFailed()
 
     def agree(self, error: BaseException | str | None) -> None:
         """Collective: raise RankFailure everywhere if any process passed an error.
@@ -52,35 +115,91 @@ class Comm:
         notices addressed to it, so a pool of engines is clean for the next run.
         """
         msg = None if error is None else (error if isinstance(error, str) else f"{type(error).__name__}: {error}")
-        msgs = self.c.allgather(msg)
+        msgs = self.allgather(msg)
         failed = [i for i, m in enumerate(msgs) if m]
         if not failed:
             return
         for _ in range(len([i for i in failed if i != self.rank])):
             self.c.recv(source=self.MPI.ANY_SOURCE, tag=self.ERR_TAG)
-        for req in getattr(self, "_posted", []):
+        for req in self._posted:
             req.wait()
         self._posted = []
         detail = "; ".join(f"process {i}: {msgs[i]}" for i in failed)
-        raise RankFailure(f"{len(failed)} of {self.size} processes failed - {detail}")
+        only_signals = all(INTERRUPTED in msgs[i] for i in failed)
+        raise (RunInterrupted if only_signals else RankFailure)(f"{len(failed)} of {self.size} processes "
+                                                                f"{'stopped' if only_signals else 'failed'} - {detail}")
+
+    def phase(self, fn, *args):
+        """Run this process's part of a phase, then agree; every process raises if any one failed."""
+        err = out = None
+        try:
+            out = fn(*args)
+        except PeerFailed:
+            pass
+        except Exception as e:  # noqa: BLE001 - reported to every process, then raised as RankFailure
+            text = getattr(e, "message", None) or str(e)  # a TensorFlow OpError keeps its own text in .message
+            if PEER_MARK not in text:  # else a peer failed inside a synchronous step: its message comes in agree
+                err = f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"
+                self.post_error(err)
+        self.agree(err)
+        return out
+
+    def fail_step(self, n: int) -> None:
+        """Join the current step's Allreduce of n values plus the error flag, with the flag set."""
+        buf = np.zeros(n + 1, np.float32)
+        buf[-1] = 1.0
+        self.allreduce_array(buf)
+
+    @staticmethod
+    def raise_if_peer_failed(flat: np.ndarray) -> None:
+        """After a synchronous step's Allreduce: the last value counts the processes that failed."""
+        if flat[-1] > 0:
+            raise RankFailure(f"{PEER_MARK}: {int(flat[-1])} process(es) failed during a synchronous step")
 
     def abort(self, code: int = 1) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
         self.c.Abort(code)
 
+    # --------------------------------------------------------- bounded waits
+    def _wait(self, what: str):
+        return _Waiting(self, what)
+
+    def _watchdog(self) -> None:
+        while True:
+            time.sleep(min(1.0, self.wait_limit / 4))
+            w = self._waiting
+            if w and time.monotonic() - w[1] > self.wait_limit:
+                msg = (f"process {self.rank} (host {self.host}) waited over {self.wait_limit:g}s in {w[0]} for its "
+                       f"peers; one of them is stuck or gone. Ending the job.")
+                print(f"labtools: {msg}", file=sys.stderr, flush=True)
+                if self.on_stuck:
+                    try:
+                        self.on_stuck(msg)
+                    except Exception:  # noqa: BLE001 - the abort below matters more than the record
+                        pass
+                self.abort(1)
+
     # --------------------------------------------------------- collectives
     def barrier(self) -> None:
-        self.c.Barrier()
+        with self._wait("barrier"):
+            self.c.Barrier()
 
     def bcast(self, obj, root: int = 0):
-        return self.c.bcast(obj, root=root)
+        with self._wait("bcast"):
+            return self.c.bcast(obj, root=root)
 
     def gather(self, obj, root: int = 0):
-        return self.c.gather(obj, root=root)
+        with self._wait("gather"):
+            return self.c.gather(obj, root=root)
+
+    def scatter(self, objs, root: int = 0):
+        with self._wait("scatter"):
+            return self.c.scatter(objs, root=root)
 
     def allgather(self, obj):
-        return self.c.allgather(obj)
+        with self._wait("allgather"):
+            return self.c.allgather(obj)
 
     def allreduce_array(self, a: np.ndarray) -> np.ndarray:
         """Elementwise sum over processes of a contiguous numpy buffer (no pickling)."""
@@ -88,22 +207,46 @@ class Comm:
         if self.size == 1:
             return a.copy()
         out = np.empty_like(a)
-        self.c.Allreduce(a, out, op=self.MPI.SUM)
+        with self._wait("Allreduce"):
+            self.c.Allreduce(a, out, op=self.MPI.SUM)
         return out
 
     def allreduce_inplace(self, a: np.ndarray) -> None:
         """Elementwise sum over processes, written over a (contiguous, writeable) buffer."""
         if self.size > 1:
-            self.c.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
+            with self._wait("Allreduce"):
+                self.c.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
 
     def max(self, x: float) -> float:
-        return self.c.allreduce(x, op=self.MPI.MAX)
+        with self._wait("allreduce"):
+            return self.c.allreduce(x, op=self.MPI.MAX)
 
     def sum(self, x):
-        return self.c.allreduce(x, op=self.MPI.SUM)
+        with self._wait("allreduce"):
+            return self.c.allreduce(x, op=self.MPI.SUM)
 
     def library_version(self) -> str:
         return self.MPI.Get_library_version().strip().splitlines()[0]
+
+
+class _Waiting:
+    """Marks a blocking collective for the watchdog (two attribute writes: cheap enough per step)."""
+
+    __slots__ = ("comm", "what")
+
+    def __init__(self, comm: Comm, what: str):
+        self.comm, self.what = comm, what
+
+    def __enter__(self):
+        c = self.comm
+        if c.wait_limit and c.size > 1:
+            if c._watch is None:
+                c._watch = threading.Thread(target=c._watchdog, name="labtools-watchdog", daemon=True)
+                c._watch.start()
+            c._waiting = (self.what, time.monotonic())
+
+    def __exit__(self, *exc):
+        self.comm._waiting = None
 
 
 def default_threads(comm: Comm) -> int:

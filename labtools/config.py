@@ -9,6 +9,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass, field, fields
 
 PREPROCESS = ("caffe", "unit", "standardize")
@@ -18,6 +20,7 @@ OPT_STATE = ("keep", "average", "reset")
 LR_SCALING = ("none", "linear", "sqrt")
 LR_SCHEDULES = ("constant", "cosine")
 OPTIMIZERS = ("adam", "sgd")
+PLAIN_NAME = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}")  # a folder name, never a path
 
 
 # Fields added after records existed: left out of science_key at their default, so the keys of
@@ -79,7 +82,11 @@ class RunConfig:
     save_weights: bool = _opt(False, "write the final synchronized weights to RUN_DIR/final_weights.npy")
     label: str = _opt("", "free-text label stored in the manifest (e.g. a profile name)")
     quiet: bool = _opt(False, "no per-epoch console lines")
-    inject_failure: str | None = _opt(None, "testing: RANK:EPOCH raises on that logical rank in that epoch")
+    checkpoint: bool = _opt(True, "write RUN_DIR/checkpoint.npz after every epoch (what --resume continues from)")
+    wait_limit: float = _opt(1800.0, "seconds a process may wait for its peers in one collective before the job "
+                             "is ended as stuck (0: no limit)")
+    inject_failure: str | None = _opt(None, "testing: RANK:EPOCH raises on that logical rank in that epoch; "
+                                      "RANK:EPOCH:hang makes it stop answering")
 
     # ---------------------------------------------------------------- derived
     @property
@@ -102,8 +109,17 @@ class RunConfig:
             raise ConfigError(f"--np must be at least 1; got {self.np}.")
         if self.epochs < 1:
             raise ConfigError(f"--epochs must be at least 1; got {self.epochs}.")
+        for name in ("lr", "momentum", "warmup_epochs", "dropout", "wait_limit"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"--{_flag(name)} must be a finite number; got {getattr(self, name)}.")
         if not self.lr > 0:
             raise ConfigError(f"--lr must be positive; got {self.lr}.")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"--momentum must be in [0, 1); got {self.momentum}.")
+        if self.eval_batch < 1:
+            raise ConfigError(f"--eval-batch must be at least 1; got {self.eval_batch}.")
+        if self.threads < 0 or self.seed < 0 or self.wait_limit < 0:
+            raise ConfigError("--threads, --seed and --wait-limit must not be negative.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1); got {self.dropout}.")
         if self.sync_every < 0 or self.warmup_epochs < 0:
@@ -117,12 +133,15 @@ class RunConfig:
             if v is not None and v < 1:
                 raise ConfigError(f"--{_flag(name)} must be at least 1; got {v}.")
         if self.inject_failure is not None:
-            try:
-                r, e = (int(s) for s in self.inject_failure.split(":"))
-            except ValueError:
-                raise ConfigError(f"--inject-failure takes RANK:EPOCH, e.g. 1:1; got {self.inject_failure!r}.")
-        if "/" in self.experiment or self.experiment in ("", ".", ".."):
-            raise ConfigError(f"--experiment must be a plain folder name; got {self.experiment!r}.")
+            parts = self.inject_failure.split(":")
+            if not (len(parts) in (2, 3) and all(p.isdigit() for p in parts[:2]) and parts[2:] in ([], ["hang"])):
+                raise ConfigError(f"--inject-failure takes RANK:EPOCH or RANK:EPOCH:hang, e.g. 1:1; "
+                                  f"got {self.inject_failure!r}.")
+        for name in ("experiment", "run_id"):
+            v = getattr(self, name)
+            if v is not None and not PLAIN_NAME.fullmatch(v):
+                raise ConfigError(f"--{_flag(name)} must be a plain folder name (letters, digits, '.', '_', '-'; "
+                                  f"not starting with '.'); got {v!r}.")
         return self
 
     # ------------------------------------------------------------- views
@@ -157,7 +176,8 @@ class RunConfig:
         np_ = self.np if self.np is not None else world
         if np_ is None:
             raise ValueError("science_key: np is None and no world size given")
-        skip = {"out", "experiment", "run_id", "label", "quiet", "threads", "eval_batch", "cifar_dir"}
+        skip = {"out", "experiment", "run_id", "label", "quiet", "threads", "eval_batch", "cifar_dir",
+                "checkpoint", "wait_limit"}
         d = {k: v for k, v in {**self.to_dict(), "np": np_}.items()
              if k not in skip and not (k in ADDED_LATER and v == ADDED_LATER[k])}
         return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]

@@ -42,10 +42,20 @@ class Store:
     """
 
     def __init__(self, root):
+        from .record import COMPLETED, RUNNING, status
+
         self.root = Path(root)
         self.by_key: dict[str, list[tuple[Path, dict]]] = {}
         self.stale: dict[str, list[Path]] = {}
-        for d in results.run_dirs(self.root):
+        self.stopped: dict[str, list[Path]] = {}  # failed, interrupted or died, with a checkpoint: resumable
+        for d in results.run_dirs(self.root, completed=False):
+            st = status(d)
+            if st != COMPLETED:
+                if st != RUNNING and (d / "checkpoint.npz").is_file():
+                    m, _ = results.read_record(d)
+                    if m["numerics_current"]:
+                        self.stopped.setdefault(m["science_key"], []).append(d)
+                continue
             m, _ = results.read_record(d)
             (self.by_key if m["numerics_current"] else self.stale).setdefault(m["science_key"], []).append(
                 (d, m) if m["numerics_current"] else d)
@@ -64,6 +74,12 @@ class Store:
 
     def stale_for(self, p: Planned) -> list[Path]:
         return self.stale.get(p.cfg.science_key(), [])
+
+    def resumable(self, p: Planned) -> Path | None:
+        """A stopped run of this science to continue instead of starting again (untimed plans only:
+        a resumed run's wall time is never a cluster time)."""
+        found = self.stopped.get(p.cfg.science_key(), [])
+        return None if p.timed or not found else max(found, key=lambda d: d.name)
 
 
 def _root(plan: list[Planned]) -> Path:
@@ -88,7 +104,12 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False)
     with tqdm(total=len(todo), desc=desc, unit="run") as bar:
         for p in todo:
             bar.set_postfix_str(f"np={p.cfg.np} P={p.processes} seed={p.cfg.seed}")
-            s = runner(p.cfg, p.processes)
+            resume = None if rerun else store.resumable(p)
+            if resume:
+                print(f"{desc}: continuing the stopped run {resume.name} from its checkpoint", flush=True)
+                s = runner(p.cfg, p.processes, resume=resume)
+            else:
+                s = runner(p.cfg, p.processes)
             bar.update(1)
             ev = s.get("eval_set", "test")
             bar.set_postfix_str(f"np={p.cfg.np}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, {s['global_wall_s']:.0f}s")
@@ -130,11 +151,11 @@ class MpiexecRunner:
         self.extra = extra_mpi_args or []
         self.timeout = timeout
 
-    def __call__(self, cfg: RunConfig, processes: int) -> dict:
+    def __call__(self, cfg: RunConfig, processes: int, resume: Path | None = None) -> dict:
         bindir = str(Path(sys.executable).parent)
         env = {**os.environ, "PATH": bindir + os.pathsep + os.environ.get("PATH", ""), "TF_CPP_MIN_LOG_LEVEL": "2"}
         cmd = ["mpiexec", "-n", str(processes), *self.extra, sys.executable, "-m", "labtools.cli", "train",
-               *cli_args(cfg)]
+               *(["--resume", str(resume)] + (["--quiet"] if cfg.quiet else []) if resume else cli_args(cfg))]
         t0 = time.time()
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         tail = []
@@ -158,14 +179,20 @@ class PoolRunner:
     def __init__(self, profile=None, **pool_kw):
         self.profile, self.pool_kw, self.pool = profile, pool_kw, None
 
-    def __call__(self, cfg: RunConfig, processes: int) -> dict:
+    def __call__(self, cfg: RunConfig, processes: int, resume: Path | None = None) -> dict:
         from .cluster import Pool
 
         if self.pool is None or self.pool.n != processes:
             self.close()
             self.pool = Pool(n=processes, profile=self.profile, **self.pool_kw)
             self.pool.start()
-        return self.pool.run(cfg)
+        if resume:
+            from .record import RunRecord
+
+            recorded = RunRecord.open(resume).manifest["config"]
+            cfg = RunConfig.from_dict({**recorded, "cifar_dir": cfg.cifar_dir, "out": cfg.out, "quiet": cfg.quiet,
+                                       "experiment": Path(resume).parent.name, "run_id": Path(resume).name})
+        return self.pool.run(cfg, resume=resume)
 
     def close(self) -> None:
         if self.pool is not None:

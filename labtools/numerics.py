@@ -3,8 +3,10 @@ compute the same thing.
 
 A config hash says *what* was asked; ``VERSION`` says *which arithmetic* answered. Any change to
 the modules in ``SOURCES`` (the step, the model, the data path, the sync strategies) must either
-bump ``VERSION`` (numbers change: say which syncs in ``CHANGES``) or refresh ``SOURCES_SHA``
-(numbers provably unchanged, e.g. a comment). ``tests/test_numerics.py`` fails until one is done.
+bump ``VERSION`` (numbers change: say which syncs in ``CHANGES``) or, when the numbers provably do
+not change (a comment, error handling; shown by equal final weight digests of the old and the new
+code), move the old ``SOURCES_SHA`` into ``SAME_NUMBERS_AS`` and set the new one, so the records the
+old code made are still reused. ``tests/test_numerics.py`` fails until one is done.
 """
 from __future__ import annotations
 
@@ -18,7 +20,15 @@ CHANGES: dict[int, set[str] | None] = {
     2: {"allreduce"},  # f0d0e88: fused allreduce step, loss pre-scaled by 1/global batch
 }
 SOURCES = ("model.py", "worker.py", "sync.py", "data.py", "comm.py")
-SOURCES_SHA = "7818e4b2d35c8b83"
+SOURCES_SHA = "56e3f29af87e251d"
+# Earlier SOURCES_SHA values under this VERSION whose code computed the same numbers (declared when
+# the sources changed without changing the arithmetic, checked by comparing final weight digests).
+SAME_NUMBERS_AS: tuple[str, ...] = ("7818e4b2d35c8b83",)
+
+
+def same_numbers() -> set[str]:
+    """Source fingerprints whose records today's code reproduces (same VERSION)."""
+    return {SOURCES_SHA, *SAME_NUMBERS_AS}
 
 
 def sources_sha() -> str:

@@ -19,7 +19,8 @@ LOGICAL = "not a cluster time: logical ranks (P<N)"
 UNKNOWN = "not a cluster time: cores per host not recorded"
 CONTENDED = "not a cluster time: other load on a host during the run"
 UNKNOWN_LOAD = "not a cluster time: other load on the hosts not recorded"
-KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, CONTENDED, UNKNOWN, UNKNOWN_LOAD)
+RESUMED = "not a cluster time: a resumed run (the sum of its launches' training times)"
+KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, CONTENDED, UNKNOWN, UNKNOWN_LOAD, RESUMED)
 # Other work on a host, in cores averaged over the run, above which its times are not a benchmark.
 MAX_OTHER_CORES = 0.3
 
@@ -97,7 +98,7 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
     if "numerics_version" not in m:
         m["numerics_version"] = _legacy_numerics(m.get("git_commit"))
     m["numerics_current"] = numerics.is_current(m["numerics_version"], cfg.get("sync", "epoch-average"))
-    if m["numerics_version"] == numerics.VERSION and m.get("numerics_sources", numerics.SOURCES_SHA) != numerics.SOURCES_SHA:
+    if m["numerics_version"] == numerics.VERSION and m.get("numerics_sources", numerics.SOURCES_SHA) not in numerics.same_numbers():
         m["numerics_current"] = False  # made by numerics modules that differ from today's under the same version
     m.setdefault("eval_set", "test")
     if s:

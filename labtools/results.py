@@ -1,12 +1,8 @@
-"""Where run records live, how they are written (atomically) and read back into pandas.
+"""How record files are written (atomically, fsynced; appends under a lock) and read back into pandas.
 
-A run directory ``OUT/EXPERIMENT/RUN_ID/`` is self-describing:
-  manifest.json   config, world N and processes P, hosts, versions, git commit, times
-  summary.json    final metrics (written last: its presence means the run completed)
-  epochs.csv      per epoch, global: test loss/acc, mean train loss/acc, diagnostics, times
-  ranks/rank_NNN.csv  per logical rank and epoch: loss, acc, seconds, step time, img/s, RSS, CPU %
-  error.txt       only when the run failed
-and ``OUT/EXPERIMENT/scaling_results.csv`` gets one row per completed run (the paper's columns).
+What a run folder holds, and in which order it is written, is labtools.record's (RunRecord): a run
+is completed when its manifest says so, which is written last. ``OUT/EXPERIMENT/scaling_results.csv``
+has one row per completed run (the paper's columns), rebuilt from the records (record.rebuild_scaling_csv).
 """
 from __future__ import annotations
 
@@ -22,17 +18,42 @@ SCALING_COLUMNS = ["world", "epochs", "batch_per_node", "batch_per_rank", "mean_
                    "test_acc_pct", "test_loss", "processes", "sync", "seed", "run_id"]
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | None = None, writer=None) -> None:
+    """Write a file so that readers see the old one or the whole new one, even after a crash:
+    temp file in the same folder, fsync, rename, fsync the folder. ``writer(f)`` streams instead."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; records are meant to be shared
+        with os.fdopen(fd, "wb") as f:
+            if writer is None:
+                f.write(data)
+            else:
+                writer(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def write_json(path, obj) -> None:
@@ -52,26 +73,25 @@ def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> None:
     atomic_write_text(path, buf.getvalue())
 
 
-def append_csv_row(path, row: dict, columns: list[str]) -> None:
-    """Rewrite-and-rename append: readers never see a half-written row."""
-    path = Path(path)
-    # newline="": keep the rows already there byte for byte (csv writes \r\n line ends)
-    old = open(path, newline="").read() if path.exists() else ""
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
-    if not old:
-        w.writeheader()
-    w.writerow(row)
-    atomic_write_text(path, old + buf.getvalue())
-
-
 # ---------------------------------------------------------------- reading
 
 def run_dirs(root="results", experiment: str | None = None, completed: bool = True) -> list[Path]:
+    """Run folders under root; with completed=True only those whose manifest says `completed`
+    (written last, after the summary: labtools.record)."""
     base = Path(root) / experiment if experiment else Path(root)
     pattern = "*/manifest.json" if experiment else "*/*/manifest.json"
     dirs = sorted(p.parent for p in base.glob(pattern))
-    return [d for d in dirs if not completed or (d / "summary.json").exists()]
+    return [d for d in dirs if not completed or is_completed(d)]
+
+
+def is_completed(d: Path) -> bool:
+    """The run folder's manifest says `completed` (written last) and its summary is there."""
+    if not (d / "summary.json").exists():
+        return False
+    try:
+        return read_json(d / "manifest.json").get("status") == "completed"
+    except (OSError, ValueError):
+        return False
 
 
 def read_record(d) -> tuple[dict, dict | None]:
@@ -84,24 +104,30 @@ def read_record(d) -> tuple[dict, dict | None]:
     return m, (s2 if s is not None else None)
 
 
-def load_runs(root="results", experiment: str | None = None, stale: bool = False):
+def load_runs(root="results", experiment: str | None = None, stale: bool = False, include_incomplete: bool = False):
     """One row per completed run: flattened config (cfg_*), manifest facts and summary metrics.
 
     Records are migrated (labtools.records.migrate). Runs whose numbers today's code would not
-    reproduce (numerics_current False) are left out unless stale=True. A root that does not exist is
-    an error, not an empty table.
+    reproduce (numerics_current False) are left out unless stale=True. include_incomplete=True adds
+    the runs that did not complete, with their status (failed, interrupted, running, died) and no
+    metrics. A root that does not exist is an error, not an empty table.
     """
     import pandas as pd
 
     base = Path(root) / experiment if experiment else Path(root)
     if not base.is_dir():
         raise FileNotFoundError(f"no results folder {base.resolve()}")
+    from .record import status
+
     rows = []
-    for d in run_dirs(root, experiment):
+    for d in run_dirs(root, experiment, completed=not include_incomplete):
         m, s = read_record(d)
         if not (stale or m["numerics_current"]):
             continue
-        row = {"run_dir": str(d), "run_id": d.name, "experiment": d.parent.name}
+        st = status(d)
+        if st != "completed":
+            s = {}
+        row = {"run_dir": str(d), "run_id": d.name, "experiment": d.parent.name, "status": st}
         row.update({f"cfg_{k}": v for k, v in m["config"].items()})
         row.update({k: m.get(k) for k in ("world", "processes", "cluster_wall_time", "wall_time_kind", "science_key",
                                           "git_commit", "numerics_version", "numerics_current", "eval_set")})

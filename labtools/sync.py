@@ -7,18 +7,17 @@
   samples of all ranks (one fused Allreduce per step), so all ranks always hold the same model.
 
 Each strategy's ``train_epoch`` runs one epoch for this process's ranks and returns per-rank
-statistics; phases end at an agreement point (``Worker.comm.agree``) before any collective.
+statistics; phases end at an agreement point (``Comm.phase``) before any collective.
 """
 from __future__ import annotations
 
 import time
 
 import numpy as np
-import tensorflow as tf
 
 from . import data as D
-from .comm import RankFailure
-from .worker import PEER_MARK, PeerFailed, Worker
+from .comm import PeerFailed, RankFailure
+from .worker import Worker
 
 
 class RankStats:
@@ -40,22 +39,8 @@ class RankStats:
 
 
 def run_phase(w: Worker, fn, *args):
-    """Run this process's part of a phase, then agree; every process raises if any one failed."""
-    err = None
-    out = None
-    try:
-        out = fn(*args)
-    except PeerFailed:
-        pass
-    except tf.errors.OpError as e:
-        if PEER_MARK not in str(e):
-            err = e
-            w.comm.post_error(f"{type(e).__name__}: {e.message.splitlines()[0]}")
-    except Exception as e:  # noqa: BLE001 - reported to every process, then re-raised as RankFailure
-        err = e
-        w.comm.post_error(f"{type(e).__name__}: {e}")
-    w.comm.agree(err)
-    return out
+    """This process's part of a phase, then agreement (the protocol is labtools.comm's)."""
+    return w.comm.phase(fn, *args)
 
 
 class Strategy:

@@ -1,8 +1,10 @@
 """labtools.train.run(config): the per-process training loop, the same under mpiexec, ipyparallel or plain Python.
 
-Order of work: validate the config and the world (one clear sentence, before any training), find
-and verify CIFAR-10, build this process's logical ranks, then per epoch: the sync strategy trains,
-the processes evaluate the synchronized model on the test set together, the root writes records.
+setup: check the input (one sentence, nothing written), find and verify CIFAR-10, build this
+process's logical ranks, open the run record (a new folder, or the one being resumed);
+loop: per epoch the sync strategy trains, the processes evaluate the synchronized model together,
+the root records the epoch and a checkpoint; a signal or a failure stops every process;
+save: final digests, summary, scaling row, and `completed` last (labtools.record owns every file).
 """
 from __future__ import annotations
 
@@ -13,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .comm import Comm, RankFailure, default_threads
-from .config import ConfigError, RunConfig
 from . import data as D
-from . import numerics, provenance, records, results
+from . import keeper, numerics, provenance, records
+from .comm import Comm, RankFailure, RunInterrupted, default_threads
+from .config import ConfigError, RunConfig
 from .metrics import is_at_chance, is_collapsed
+from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable
 
 
 def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
@@ -54,24 +57,37 @@ def _set_threads(n: int) -> None:
                           f"{n} requested takes effect only in a fresh process", RuntimeWarning, stacklevel=2)
 
 
-def _prepare(cfg: RunConfig, comm: Comm):
-    """Root finds, downloads if needed, and verifies the data; everyone then checks the same path."""
-    err, path = None, None
+def _root_decides(comm: Comm, fn, share: bool = True):
+    """fn() on the root; its ConfigError/DataError raised everywhere, its result everywhere (share)
+    or on the root only."""
+    out = err = None
     if comm.is_root:
         try:
-            path = str(D.verify(D.find_cifar_dir(cfg.cifar_dir)))
-        except (D.DataError, OSError) as e:
-            err = str(e)
-    err, path = comm.bcast((err, path))
+            out = fn()
+        except (ConfigError, D.DataError, OSError) as e:
+            err = (type(e).__name__, str(e))
+    err, shared = comm.bcast((err, out if share else None))
     if err:
-        raise D.DataError(err)
+        raise (D.DataError if err[0] == "DataError" else ConfigError)(err[1])
+    return shared if share else out
+
+
+def _prepare(cfg: RunConfig, comm: Comm):
+    """Root finds, downloads if needed, and verifies the data; everyone then checks the same path."""
+    path = _root_decides(comm, lambda: str(D.verify(D.find_cifar_dir(cfg.cifar_dir))))
     local_err = None if all((Path(path) / f).is_file() for f in D.MD5) else \
         f"CIFAR-10 folder {path} (verified on the root) is missing on host {comm.host}; every node needs it at the same path."
     bad = [m for m in comm.allgather(local_err) if m]
     if bad:
         raise D.DataError(bad[0])
-    n_train = min(cfg.limit_train or D.TRAIN_SIZE, D.TRAIN_SIZE)
-    return path, n_train
+    return path, min(cfg.limit_train or D.TRAIN_SIZE, D.TRAIN_SIZE)
+
+
+def _recorded(run_dir, key):
+    try:
+        return RunRecord.open(run_dir).manifest.get(key)
+    except (RecordError, OSError, ValueError):
+        return None  # reported properly when the record is opened
 
 
 def _say(cfg: RunConfig, line: str) -> None:
@@ -79,15 +95,131 @@ def _say(cfg: RunConfig, line: str) -> None:
         print(line, flush=True)
 
 
-def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
-    """Train with cfg on this process's logical ranks; return the run summary (on every process)."""
+# ---------------------------------------------------------------------- setup
+
+def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:
+    """The root creates (or reopens) the run folder; everyone gets its path and the progress so far
+    (epochs done, wall time, ...); on resume every logical rank gets its checkpointed state back."""
+    facts = dict(
+        config={**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
+                "out": provenance.portable_path(cfg.out)},
+        world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
+        pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
+        science_key=cfg.science_key(), mpi_library=comm.library_version(), git_commit=provenance.git_commit(),
+        versions=provenance.versions(), host=provenance.host(), start_utc=provenance.utc_now(),
+        n_train=len(w.ytr), n_test=len(w.yte) if cfg.eval_set == "test" else 0, n_eval=len(w.yte),
+        steps_per_epoch=w.steps_per_epoch, seed=cfg.seed, eval_set=cfg.eval_set, threads=threads,
+        numerics_version=numerics.VERSION, numerics_sources=numerics.sources_sha())
+
+    def root_open():
+        if resume is None:
+            default = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-np{w.N}-{cfg.science_key()}-s{cfg.seed}"
+            rec = RunRecord.create(cfg.out, cfg.experiment, cfg.run_id, default)
+            rec.start({**facts, "cores_per_host": dict(facts["cores_per_host"])})
+            return rec, None, {"epochs_done": 0, "wall_s": 0.0, "init_diag": None}
+        rec = RunRecord.open(resume)
+        old = rec.manifest
+        if old.get("science_key") != cfg.science_key() or old.get("world") != w.N:
+            raise RecordError(f"--resume {resume}: this launch computes something else than the run recorded there.")
+        if old.get("numerics_sources") not in numerics.same_numbers() | {numerics.sources_sha()}:
+            raise RecordError(f"--resume {resume}: the run was started by code that computes differently "
+                              f"(numerics sources {old.get('numerics_sources')}); start a new run instead.")
+        ck = rec.load_checkpoint()
+        meta, states = ck if ck else ({"epochs_done": 0, "wall_s": 0.0, "init_diag": None}, {})
+        rec.start({**facts, "cores_per_host": dict(facts["cores_per_host"])},
+                  resumed={"utc": facts["start_utc"], "from_epoch": meta["epochs_done"], "processes": comm.size})
+        return rec, states, meta
+
+    opened = _root_decides(comm, root_open, share=False)
+    rec_path = comm.bcast(str(opened[0].dir) if comm.is_root else None)
+    rec = opened[0] if comm.is_root else RunRecord(rec_path)
+    keeper.tell(rec.dir)
+    progress = comm.bcast(opened[2] if comm.is_root else None)
+    states = opened[1] if comm.is_root else None
+    if resume is not None and progress["epochs_done"]:
+        parts = [{r: states[r] for r in range(p * w.k, (p + 1) * w.k)} for p in range(comm.size)] if comm.is_root else None
+        w.restore(comm.scatter(parts))
+    return rec, progress
+
+
+# ---------------------------------------------------------------------- one epoch
+
+def _train_epoch(cfg, comm, w, strategy, epoch, mon) -> tuple[dict, dict, float]:
+    t0 = time.perf_counter()
+    stats, info = strategy.train_epoch(w, epoch)
+    t_train = time.perf_counter() - t0
+    rss, cpu = mon.lap()
+    rows = {}
+    for r in w.ranks:
+        st = stats[r]
+        rows[r] = {
+            "rank": r, "epoch": epoch + 1, "train_loss": st.loss / max(st.n, 1),
+            "train_acc": st.correct / max(st.n, 1), "samples": st.n, "epoch_s": st.seconds,
+            "mean_step_s": st.seconds / max(st.steps, 1), "img_per_s": st.n / max(st.seconds, 1e-9),
+            "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": rss, "cpu_pct": cpu,
+            "process": comm.rank, "process_epoch_s": t_train,
+        }
+        _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
+                  f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
+    return rows, info, t_train
+
+
+def _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train) -> tuple[dict | None, list | None]:
+    """Evaluate the synchronized model together; the root gets the epoch row and all rank rows."""
+    t1 = time.perf_counter()
+    ev = comm.phase(w.evaluate)
+    tl, tc = comm.sum(ev[0]), comm.sum(ev[1])
+    diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
+    t_eval = time.perf_counter() - t1
+    all_rows = comm.gather(rows)
+    slow = comm.max(t_train)
+    if not comm.is_root:
+        return None, None
+    flat = [row for part in all_rows for row in part.values()]
+    eset, n = cfg.eval_set, len(w.yte)
+    loss, acc = tl / n, tc / n
+    er = {
+        "epoch": epoch + 1, f"{eset}_loss": loss, f"{eset}_acc": acc,
+        "mean_train_loss": sum(x["train_loss"] for x in flat) / len(flat),
+        "mean_train_acc": sum(x["train_acc"] for x in flat) / len(flat),
+        "global_img_per_s": sum(x["samples"] for x in flat) / max(slow, 1e-9), "epoch_wall_s": slow,
+        "sync_s": info["sync_s"], "syncs": info["syncs"], "weight_divergence": info["divergence"],
+        "grad_norm": sum(x["grad_norm"] for x in flat) / len(flat), "eval_s": t_eval,
+        "lr": w._lr_now, "collapsed": is_collapsed(loss),
+        "at_chance": is_at_chance(acc, diag.get("dead_conv10_frac"), loss), **diag,
+    }
+    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={acc:.4f} {eset}_loss={loss:.4f} wall={slow:.2f}s"
+              + (f" dead_conv10={diag['dead_conv10_frac']:.2f}" if diag else ""))
+    return er, flat
+
+
+def _end_epoch(comm: Comm, rec: RunRecord, er, flat, states, progress: dict) -> None:
+    """Root: the epoch's records and the checkpoint. Run as a phase, so a failed write (a full disk)
+    stops every process; and every process stops here on a signal that came during the epoch."""
+    if comm.is_root:
+        rec.add_epoch(er, flat)
+        if states is not None:
+            rec.save_checkpoint({r: s for p in states for r, s in p.items()}, progress)
+    comm.check()
+
+
+# ---------------------------------------------------------------------- the run
+
+def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | None = None) -> dict:
+    """Train with cfg on this process's logical ranks; return the run summary (on every process).
+    ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one)."""
     cfg.validate()
     comm = comm or Comm()
+    comm.wait_limit = cfg.wait_limit or None
+    # before any work: --out can be written, or the run to resume can be continued
+    _root_decides(comm, lambda: check_writable(cfg.out, cfg.experiment) if resume is None else
+                  RunRecord.open(resume) and None)
     path, n_train = _prepare(cfg, comm)
     world = check_world(cfg, comm.size, n_train)
     cfg = cfg.replace(cifar_dir=path, np=world)  # np resolved: the science key is the same with or without --np
-    eset = cfg.eval_set  # "test", or "val" when a validation split is held out
-    _set_threads(cfg.threads or default_threads(comm))
+    # Threads change round-off: a resumed run keeps the thread count it started with, whatever P is now.
+    threads = cfg.threads or (resume and _recorded(resume, "threads")) or default_threads(comm)
+    _set_threads(threads)
 
     from .monitor import Monitor
     from .sync import make_strategy
@@ -99,147 +231,84 @@ def run(cfg: RunConfig, comm: Comm | None = None) -> dict:
         xtr, ytr, xte, yte = D.split_validation(xtr, ytr, cfg.val_split)
     w = Worker(cfg, comm, world, xtr, ytr, xte, yte)
     strategy = make_strategy(cfg)
-
-    # ---- run directory and manifest (root), path shared with everyone
-    run_dir = None
-    if comm.is_root:
-        run_id = cfg.run_id or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-np{world}-{cfg.science_key()}-s{cfg.seed}"
-        run_dir = Path(cfg.out) / cfg.experiment / run_id
-        if (run_dir / "manifest.json").exists():
-            run_dir = run_dir.with_name(f"{run_id}-{os.getpid()}")
-    run_dir = Path(comm.bcast(str(run_dir) if run_dir else None))
-    hosts = comm.gather(comm.host)
-    cores = comm.gather((comm.host, os.cpu_count()))
-    manifest = {
-        "config": {**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
-                   "out": provenance.portable_path(cfg.out)}, "world": world, "processes": comm.size, "ranks_per_process": w.k,
-        "hosts": hosts,
-        "cores_per_host": dict(cores) if cores else None, "science_key": cfg.science_key(),
-        "mpi_library": comm.library_version(), "git_commit": provenance.git_commit(),
-        "versions": provenance.versions(), "host": provenance.host(), "start_utc": provenance.utc_now(),
-        "n_train": len(ytr), "n_test": len(yte) if eset == "test" else 0, "steps_per_epoch": w.steps_per_epoch,
-        "seed": cfg.seed, "status": "running", "eval_set": eset, "n_eval": len(yte),
-        "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
-    }
-    if comm.is_root:
-        results.write_json(run_dir / "manifest.json", manifest)
+    rec, progress = _open_record(cfg, comm, w, resume, threads)
+    comm.on_stuck = lambda msg: rec.mark(FAILED, msg)
     for r in w.ranks:
-        _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples")
-
-    # Dead channels at initialisation (before any step): how close a seed starts to the collapse.
-    init_diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
-    rank_rows = {}  # root only: every logical rank's epoch rows, as gathered
-    epoch_rows = []
-    train_wall = 0.0
+        _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples"
+                  + (f" (resumed after epoch {progress['epochs_done']})" if progress["epochs_done"] else ""))
+    if progress["init_diag"] is None:  # dead channels before any step: how close a seed starts to the collapse
+        progress["init_diag"] = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
     try:
         with Monitor() as mon:
             strategy.start(w)
-            for epoch in range(cfg.epochs):
-                t0 = time.perf_counter()
-                stats, info = strategy.train_epoch(w, epoch)
-                t_train = time.perf_counter() - t0
+            train_wall = 0.0
+            for epoch in range(progress["epochs_done"], cfg.epochs):
+                rows, info, t_train = _train_epoch(cfg, comm, w, strategy, epoch, mon)
                 train_wall += t_train
-                rss, cpu = mon.lap()
-                rows = {}
-                for r in w.ranks:
-                    st = stats[r]
-                    rows[r] = {
-                        "rank": r, "epoch": epoch + 1, "train_loss": st.loss / max(st.n, 1),
-                        "train_acc": st.correct / max(st.n, 1), "samples": st.n, "epoch_s": st.seconds,
-                        "mean_step_s": st.seconds / max(st.steps, 1), "img_per_s": st.n / max(st.seconds, 1e-9),
-                        "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": rss, "cpu_pct": cpu,
-                        "process": comm.rank, "process_epoch_s": t_train,
-                    }
-                    _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
-                              f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
-                # ---- evaluate the synchronized model together; gather rank rows to the root
-                t1 = time.perf_counter()
-                ev = _evaluate_phase(w)
-                tl, tc = comm.sum(ev[0]), comm.sum(ev[1])
-                diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
-                t_eval = time.perf_counter() - t1
-                all_rows = comm.gather(rows)
-                slow = comm.max(t_train)
-                if comm.is_root:
-                    flat = [row for part in all_rows for row in part.values()]
-                    n_all = sum(x["samples"] for x in flat)
-                    ev_loss, ev_acc = tl / len(yte), tc / len(yte)
-                    er = {
-                        "epoch": epoch + 1, f"{eset}_loss": ev_loss, f"{eset}_acc": ev_acc,
-                        "mean_train_loss": sum(x["train_loss"] for x in flat) / len(flat),
-                        "mean_train_acc": sum(x["train_acc"] for x in flat) / len(flat),
-                        "global_img_per_s": n_all / max(slow, 1e-9), "epoch_wall_s": slow,
-                        "sync_s": info["sync_s"], "syncs": info["syncs"], "weight_divergence": info["divergence"],
-                        "grad_norm": sum(x["grad_norm"] for x in flat) / len(flat), "eval_s": t_eval,
-                        "lr": w._lr_now, "collapsed": is_collapsed(ev_loss),
-                        "at_chance": is_at_chance(ev_acc, diag.get("dead_conv10_frac"), ev_loss), **diag,
-                    }
-                    epoch_rows.append(er)
-                    results.write_csv(run_dir / "epochs.csv", epoch_rows)
-                    for row in flat:
-                        rank_rows.setdefault(row["rank"], []).append(row)
-                    for r, rr in rank_rows.items():
-                        results.write_csv(run_dir / "ranks" / f"rank_{r:03d}.csv", rr)
-                    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={ev_acc:.4f} "
-                              f"{eset}_loss={ev_loss:.4f} wall={slow:.2f}s"
-                              + (f" dead_conv10={diag['dead_conv10_frac']:.2f}" if diag else ""))
-    except BaseException as e:
-        if comm.is_root:
-            results.atomic_write_text(run_dir / "error.txt", f"{type(e).__name__}: {e}\n")
-            results.write_json(run_dir / "manifest.json", {**manifest, "status": "failed",
-                                                           "end_utc": provenance.utc_now(), "error": str(e)})
+                er, flat = _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train)
+                progress["epochs_done"] = epoch + 1
+                states = comm.gather(w.local_states()) if cfg.checkpoint else None
+                comm.phase(_end_epoch, comm, rec, er, flat, states,
+                           {**progress, "wall_s": progress["wall_s"] + comm.max(train_wall)})
+        summary = _save(cfg, comm, w, rec, progress, progress["wall_s"] + comm.max(train_wall), mon)
+    except (RunInterrupted, KeyboardInterrupt) as e:
+        kept = (f"the checkpoint after epoch {progress['epochs_done']} is kept" if cfg.checkpoint and progress["epochs_done"]
+                else "no checkpoint: it starts again from epoch 1")
+        _stopped(comm, rec, INTERRUPTED, f"{e or 'KeyboardInterrupt'}; {kept}: continue with "
+                                         f"`labtools train --resume {rec.dir}`")
         raise
-
-    global_wall = comm.max(train_wall)
-    # Decided here, once (topology and the other load measured on each host); tables and figures only read it.
-    spans = comm.gather((comm.host, *mon.span()))
-    if comm.is_root:
-        other = records.other_load(spans)
-        time_kind = records.wall_time_kind(world, comm.size, hosts, dict(cores), other)
-        manifest.update(other_cores=other, wall_time_kind=time_kind, cluster_wall_time=time_kind == records.CLUSTER)
-    # Every logical rank's final weights, fingerprinted: after the last sync they must all agree.
-    w.flush()
-    digests = comm.gather({r: hashlib.sha1(w.states[r][0].tobytes()).hexdigest()[:16] for r in w.ranks})
-    if comm.is_root and cfg.save_weights:
-        np.save(run_dir / "final_weights.npy", w.states[w.ranks[0]][0])
-    summary = None
-    if comm.is_root:
-        last = epoch_rows[-1]
-        summary = {
-            "world": world, "processes": comm.size, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
-            "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
-            f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
-            "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
-            "global_wall_s": global_wall, "cluster_wall_time": manifest["cluster_wall_time"],
-            "wall_time_kind": manifest["wall_time_kind"],
-            "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]), "dead_conv10_frac": last.get("dead_conv10_frac"),
-            **{f"init_{k}": v for k, v in init_diag.items()},
-            "mean_epoch_s": sum(r["epoch_wall_s"] for r in epoch_rows) / len(epoch_rows),
-            "eval_s": sum(r["eval_s"] for r in epoch_rows),
-            "final_weight_digests": {str(r): h for part in digests for r, h in part.items()},
-        }
-        _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
-        _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
-        _say(cfg, f"[Root] {'Test' if eset == 'test' else 'Validation'} acc: {summary[f'{eset}_acc']:.4f} | "
-                  f"{'Test' if eset == 'test' else 'Validation'} loss: {summary[f'{eset}_loss']:.4f}")
-        results.write_json(run_dir / "manifest.json", {**manifest, "status": "completed", "end_utc": provenance.utc_now()})
-        results.append_csv_row(Path(cfg.out) / cfg.experiment / "scaling_results.csv", {
-            "world": world, "epochs": cfg.epochs, "batch_per_node": cfg.batch_per_node,
-            "batch_per_rank": cfg.batch_per_rank, "mean_train_loss": f"{summary['mean_train_loss']:.4f}",
-            "mean_train_acc_pct": f"{100 * summary['mean_train_acc']:.2f}", "global_time_sec": f"{global_wall:.2f}",
-            "cifar_dir": provenance.portable_path(path), "test_acc_pct": f"{100 * summary['test_acc']:.2f}" if eset == "test" else "",
-            "test_loss": f"{summary['test_loss']:.4f}" if eset == "test" else "", "processes": comm.size, "sync": cfg.sync,
-            "seed": cfg.seed, "run_id": run_dir.name}, results.SCALING_COLUMNS)
-        results.write_json(run_dir / "summary.json", summary)  # last: marks the run complete
+    except BaseException as e:
+        _stopped(comm, rec, FAILED, f"{type(e).__name__}: {e}")
+        raise
     summary = comm.bcast(summary)
-    summary["run_dir"] = str(run_dir)
+    summary["run_dir"] = str(rec.dir)
     return summary
 
 
-def _evaluate_phase(w):
-    from .sync import run_phase
+def _stopped(comm: Comm, rec: RunRecord, status: str, error: str) -> None:
+    if comm.is_root:
+        rec.mark(status, error)
 
-    return run_phase(w, w.evaluate)
+
+def _save(cfg, comm, w, rec: RunRecord, progress: dict, global_wall: float, mon) -> dict | None:
+    """Final digests, wall-time kind and summary; `completed` last (RunRecord.complete)."""
+    spans = comm.gather((comm.host, *mon.span()))
+    w.flush()
+    # Every logical rank's final weights, fingerprinted: after the last sync they must all agree.
+    digests = comm.gather({r: hashlib.sha1(w.states[r][0].tobytes()).hexdigest()[:16] for r in w.ranks})
+    return comm.phase(_complete, cfg, comm, w, rec, progress, global_wall, spans, digests)
 
 
-__all__ = ["run", "check_world", "RankFailure"]
+def _complete(cfg, comm, w, rec: RunRecord, progress, global_wall, spans, digests) -> dict | None:
+    if not comm.is_root:
+        return None
+    m = rec.manifest
+    other = records.other_load(spans)
+    kind = records.RESUMED if m.get("resumed") else \
+        records.wall_time_kind(w.N, comm.size, m["hosts"], m["cores_per_host"], other)
+    if cfg.save_weights:
+        np.save(rec.dir / "final_weights.npy", w.states[w.ranks[0]][0])
+    eset, rows = cfg.eval_set, rec.epoch_rows
+    last = rows[-1]
+    summary = {
+        "world": w.N, "processes": comm.size, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
+        "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
+        f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
+        "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
+        "global_wall_s": global_wall, "cluster_wall_time": kind == records.CLUSTER, "wall_time_kind": kind,
+        "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]),
+        "dead_conv10_frac": last.get("dead_conv10_frac"),
+        **{f"init_{k}": v for k, v in progress["init_diag"].items()},
+        "mean_epoch_s": sum(r["epoch_wall_s"] for r in rows) / len(rows), "eval_s": sum(r["eval_s"] for r in rows),
+        "final_weight_digests": {str(r): h for part in digests for r, h in part.items()},
+    }
+    rec.write_manifest(other_cores=other, wall_time_kind=kind, cluster_wall_time=kind == records.CLUSTER)
+    _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
+    _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
+    name = "Test" if eset == "test" else "Validation"
+    _say(cfg, f"[Root] {name} acc: {summary[f'{eset}_acc']:.4f} | {name} loss: {summary[f'{eset}_loss']:.4f}")
+    rec.complete(summary)
+    return summary
+
+
+__all__ = ["run", "check_world", "RankFailure", "RunInterrupted"]

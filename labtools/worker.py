@@ -8,21 +8,16 @@ few milliseconds and happens once per rank per sync round. With k = 1 nothing is
 from __future__ import annotations
 
 import math
+import time
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from . import data as D
-from .comm import Comm, RankFailure
+from .comm import Comm
 from .config import RunConfig
 from .model import relu_probe, squeezenet_v1_1
-
-PEER_MARK = "LABTOOLS_PEER_FAILED"
-
-
-class PeerFailed(Exception):
-    """Another process reported a failure; stop this phase and go to the agreement point."""
 
 
 class InjectedFailure(RuntimeError):
@@ -45,7 +40,8 @@ class Worker:
         self.all_shard_sizes = np.array([len(D.shard_indices(len(ytr), world, r)) for r in range(world)])
         # Every process derives the same step count without talking: the largest shard decides.
         self.steps_per_epoch = math.ceil(math.ceil(len(ytr) / world) / self.b)
-        self.inject = tuple(int(s) for s in cfg.inject_failure.split(":")) if cfg.inject_failure else None
+        # testing: "RANK:EPOCH" raises on that logical rank in that epoch, "RANK:EPOCH:hang" stops answering
+        self.inject = cfg.inject_failure.split(":") if cfg.inject_failure else None
 
         keras.utils.set_random_seed(cfg.seed)
         self.model = squeezenet_v1_1(final_relu=cfg.final_relu, conv10_init=cfg.conv10_init,
@@ -108,6 +104,28 @@ class Worker:
                 self.states[r][0] = w.copy()
             if o is not None:
                 self.states[r][1] = o[r].copy()
+        self._assign(self.tvars, self.states[self.current][0])
+        self._assign(self.ovars, self.states[self.current][1])
+
+    def local_states(self) -> dict[int, list[np.ndarray]]:
+        """This process's ranks' (weights, optimizer state) for a checkpoint; equal arrays (ranks
+        after a weight average) are sent as one object, so pickling sends them once."""
+        self.flush()
+        uniq: list[np.ndarray] = []
+
+        def one(a):
+            for u in uniq:
+                if u.shape == a.shape and u.dtype == a.dtype and np.array_equal(u, a):
+                    return u
+            uniq.append(a)
+            return a
+
+        return {r: [one(a) for a in self.states[r]] for r in self.ranks}
+
+    def restore(self, states: dict[int, list[np.ndarray]]) -> None:
+        """Every local rank's state from a checkpoint; the model takes the current rank's."""
+        for r in self.ranks:
+            self.states[r] = [np.array(a, dtype=b.dtype) for a, b in zip(states[r], self.states[r])]
         self._assign(self.tvars, self.states[self.current][0])
         self._assign(self.ovars, self.states[self.current][1])
 
@@ -182,8 +200,7 @@ class Worker:
         if not flat.flags.writeable:
             flat = flat.copy()
         self.comm.allreduce_inplace(flat)
-        if flat[-1] > 0:
-            raise RankFailure(f"{PEER_MARK}: {int(flat[-1])} process(es) failed during a synchronous step")
+        self.comm.raise_if_peer_failed(flat)
         return flat
 
     def global_count(self, step: int) -> int:
@@ -192,9 +209,7 @@ class Worker:
 
     def post_step_failure(self) -> None:
         """Join the current step's Allreduce with the error flag set, so peers do not wait forever."""
-        buf = np.zeros(self.n_params + 1, np.float32)
-        buf[-1] = 1.0
-        self.comm.allreduce_array(buf)
+        self.comm.fail_step(self.n_params)
 
     # ------------------------------------------------------------------ batches
     def batch(self, idx: np.ndarray, epoch: int):
@@ -202,10 +217,12 @@ class Worker:
         return x, self.ytr[idx], D.dropout_keys(idx, epoch, self.cfg.seed)
 
     def check(self, rank: int, epoch: int) -> None:
-        """Per-step failure hooks: a peer's posted error, or an injected failure for tests."""
-        if self.comm.error_pending():
-            raise PeerFailed()
-        if self.inject and self.inject == (rank, epoch):
+        """Per-step failure hooks: a peer's failure or a signal (comm.check), or an injected failure."""
+        self.comm.check()
+        if self.inject and (int(self.inject[0]), int(self.inject[1])) == (rank, epoch):
+            if self.inject[2:] == ["hang"]:
+                while True:  # a process that stops answering (its peers' waits are bounded)
+                    time.sleep(3600)
             raise InjectedFailure(f"injected failure on rank {rank} in epoch {epoch}")
 
     # ------------------------------------------------------------------ evaluation

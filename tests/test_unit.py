@@ -122,7 +122,7 @@ def test_altered_file_is_rejected(tmp_path, monkeypatch):
 def test_real_data_verifies_and_truncation_is_caught(cifar_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     assert D.verify(cifar_dir) == Path(cifar_dir).resolve()
-    assert (tmp_path / "cache" / "labtools" / "verified.json").exists()  # remembered
+    assert not (tmp_path / "cache" / "labtools" / "verified.json").exists()  # nothing remembered: checked every time
     d = _fake_dir(tmp_path, cifar_dir)
     with open(d / "test_batch", "r+b") as f:
         f.truncate(1000)

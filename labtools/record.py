@@ -1,0 +1,346 @@
+"""RunRecord: the one owner of a run's folder and of everything written into it.
+
+``OUT/EXPERIMENT/RUN_ID/``
+  manifest.json       facts of the run and its status: running -> completed | failed | interrupted
+  .heartbeat          touched every HEARTBEAT_S while the run lives (readers tell a run that died)
+  epochs.csv          per epoch, global;  ranks/rank_NNN.csv: per logical rank and epoch
+  checkpoint.npz      every logical rank's state after the last finished epoch (what --resume reads)
+  summary.json        final metrics;  error.txt: why a run failed or stopped
+and one row per completed run in ``OUT/EXPERIMENT/scaling_results.csv`` (appended under a lock).
+
+Rules: the folder is created exclusively and its name is a plain name; every file is written
+atomically (temp + fsync + rename); status changes happen under a lock on the folder and a finished
+status is never overwritten by a late writer; ``completed`` is written last, after the summary, the
+scaling row and the CSVs are on disk. Only the root process writes (other processes hold a
+RunRecord for its path and for marking a failure when the root cannot).
+"""
+from __future__ import annotations
+
+import fcntl
+import io
+import json
+import os
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from . import provenance, results
+from .config import PLAIN_NAME, ConfigError
+
+RUNNING, COMPLETED, FAILED, INTERRUPTED, DIED = "running", "completed", "failed", "interrupted", "died"
+FINAL = (COMPLETED, FAILED, INTERRUPTED)
+HEARTBEAT_S = 15.0
+DEAD_AFTER_S = 180.0  # a running record whose heartbeat is older than this has died
+
+
+class RecordError(ConfigError):
+    """A run folder that cannot be created, continued or written; one sentence for the user."""
+
+
+def check_writable(out, experiment: str) -> None:
+    """--out can hold OUT/EXPERIMENT (checked before any work; nothing is left behind)."""
+    target = Path(out) / experiment
+    probe = target
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise RecordError(f"--out {out}: {probe} is a file, not a folder.")
+    try:
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise RecordError(f"--out {out} is not writable ({e.strerror} in {probe}).") from None
+
+
+class RunRecord:
+    def __init__(self, run_dir):
+        self.dir = Path(run_dir)
+        self.manifest: dict = {}
+        self.epoch_rows: list[dict] = []
+        self.rank_rows: dict[int, list[dict]] = {}
+        self._beat = None
+
+    # ------------------------------------------------------------------ create / open
+    @classmethod
+    def create(cls, out, experiment: str, run_id: str | None, default_id: str) -> "RunRecord":
+        """A new, empty run folder, created exclusively (two runs can never share one)."""
+        name = run_id or default_id
+        if not PLAIN_NAME.fullmatch(name):
+            raise RecordError(f"run id must be a plain folder name; got {name!r}.")
+        parent = Path(out) / experiment
+        parent.mkdir(parents=True, exist_ok=True)
+        for i in range(1, 1000):
+            d = parent / (name if i == 1 else f"{name}-{i}")
+            try:
+                d.mkdir()
+                return cls(d)
+            except FileExistsError:
+                if run_id:
+                    raise RecordError(f"run folder {d} already exists; choose another --run-id, or continue "
+                                      f"that run with `labtools train --resume {d}`.") from None
+        raise RecordError(f"could not create a new run folder under {parent}.")
+
+    @classmethod
+    def open(cls, run_dir) -> "RunRecord":
+        """An existing run to continue: its manifest, and the records up to its checkpoint."""
+        d = Path(run_dir)
+        if not (d / "manifest.json").is_file():
+            raise RecordError(f"--resume {d}: no manifest.json there; give the run's folder (OUT/EXPERIMENT/RUN_ID).")
+        rec = cls(d)
+        rec.manifest = results.read_json(d / "manifest.json")
+        st = status(d)
+        if st == COMPLETED:
+            raise RecordError(f"--resume {d}: the run already completed; nothing to continue.")
+        if st == RUNNING:
+            raise RecordError(f"--resume {d}: the run is still running (heartbeat "
+                              f"{int(_heartbeat_age(d))}s ago); stop it first.")
+        return rec
+
+    # ------------------------------------------------------------------ status
+    @contextmanager
+    def _locked(self):
+        with open(self.dir / ".lock", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def write_manifest(self, status_: str | None = None, _reopen: bool = False, **fields) -> bool:
+        """Merge fields (and a status) into the manifest on disk, under the folder lock. A final
+        status already there is kept: a late writer never turns `failed` back into `running` (only
+        a resume reopens a run). Any process may call it, e.g. the keeper of a killed process."""
+        with self._locked():
+            path = self.dir / "manifest.json"
+            disk = results.read_json(path) if path.exists() else {}
+            if disk.get("status") in FINAL and not _reopen:
+                return False
+            base = {} if _reopen else disk  # a resume writes its whole manifest (old end_utc/error dropped)
+            self.manifest = {**base, **self.manifest, **fields, **({"status": status_} if status_ else {})}
+            results.write_json(path, self.manifest)
+            return True
+
+    def start(self, manifest: dict, resumed: dict | None = None) -> None:
+        """Write the manifest (status running) and start the heartbeat."""
+        if resumed:
+            self.manifest.update({k: v for k, v in manifest.items() if k not in ("start_utc",)})
+            self.manifest["resumed"] = self.manifest.get("resumed", []) + [resumed]
+            for k in ("end_utc", "error"):
+                self.manifest.pop(k, None)
+            (self.dir / "error.txt").unlink(missing_ok=True)
+        else:
+            self.manifest = dict(manifest)
+        self.write_manifest(RUNNING, _reopen=bool(resumed))
+        self._start_heartbeat()
+
+    def _start_heartbeat(self) -> None:
+        stop = threading.Event()
+
+        def beat():
+            while True:
+                try:
+                    (self.dir / ".heartbeat").touch()
+                except OSError:
+                    pass  # a full disk cannot stop a touch of an existing file; anything else: readers see age
+                if stop.wait(HEARTBEAT_S):
+                    return
+
+        t = threading.Thread(target=beat, name="labtools-heartbeat", daemon=True)
+        t.start()
+        self._beat = stop
+
+    def stop_heartbeat(self) -> None:
+        if self._beat:
+            self._beat.set()
+
+    def mark(self, status_: str, error: str) -> None:
+        """failed or interrupted, with the reason; best effort (the disk may be what failed)."""
+        self.stop_heartbeat()
+        try:
+            results.atomic_write_text(self.dir / "error.txt", error.rstrip() + "\n")
+        except OSError:
+            pass
+        try:
+            self.write_manifest(status_, end_utc=provenance.utc_now(), error=error.strip().splitlines()[0][:500])
+        except OSError:
+            pass  # the heartbeat stops: readers will say `died`
+
+    # ------------------------------------------------------------------ per epoch
+    def add_epoch(self, row: dict, rank_rows: list[dict]) -> None:
+        self.epoch_rows.append(row)
+        for r in rank_rows:
+            self.rank_rows.setdefault(r["rank"], []).append(r)
+        results.write_csv(self.dir / "epochs.csv", self.epoch_rows)
+        for r, rows in self.rank_rows.items():
+            results.write_csv(self.dir / "ranks" / f"rank_{r:03d}.csv", rows)
+        self.write_manifest(epochs_done=len(self.epoch_rows))
+
+    # ------------------------------------------------------------------ checkpoint
+    def save_checkpoint(self, states: dict[int, list[np.ndarray]], meta: dict) -> None:
+        """Every logical rank's (weights, optimizer state) plus meta and the records so far, in one
+        atomic file. Identical arrays (ranks after a weight average) are stored once."""
+        import hashlib
+
+        arrays, refs, seen = {}, {}, {}
+        for r, parts in sorted(states.items()):
+            refs[str(r)] = []
+            for a in parts:
+                key = (a.dtype.str, a.shape, hashlib.sha256(np.ascontiguousarray(a).data).digest())
+                if key not in seen:
+                    seen[key] = f"a{len(seen)}"
+                    arrays[seen[key]] = a
+                refs[str(r)].append(seen[key])
+        meta = {**meta, "states": refs, "epoch_rows": self.epoch_rows,
+                "rank_rows": {str(r): rows for r, rows in self.rank_rows.items()}}
+        blob = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
+        results.atomic_write_bytes(self.dir / "checkpoint.npz",
+                                   writer=lambda f: np.savez(f, meta=blob, **arrays))
+
+    def load_checkpoint(self) -> tuple[dict, dict[int, list[np.ndarray]]] | None:
+        """(meta, states) of the last checkpoint, and the records up to it; None if there is none."""
+        path = self.dir / "checkpoint.npz"
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                meta = json.loads(z["meta"].tobytes())
+                arrays = {k: z[k] for k in z.files if k != "meta"}
+        except (OSError, ValueError, KeyError) as e:
+            raise RecordError(f"{path} is damaged ({type(e).__name__}); it cannot be resumed.") from None
+        states = {int(r): [arrays[k] for k in keys] for r, keys in meta.pop("states").items()}
+        self.epoch_rows = meta.pop("epoch_rows")
+        self.rank_rows = {int(r): rows for r, rows in meta.pop("rank_rows").items()}
+        return meta, states
+
+    # ------------------------------------------------------------------ the end
+    def complete(self, summary: dict, keep_checkpoint: bool = False) -> None:
+        """The summary, then `completed`: if a write fails (a full disk) the record is not completed.
+        Then the experiment's scaling_results.csv is rebuilt from its completed runs, so it never
+        holds a row for a run that did not complete."""
+        results.write_json(self.dir / "summary.json", summary)
+        self.stop_heartbeat()
+        if not self.write_manifest(COMPLETED, end_utc=provenance.utc_now()):
+            raise RecordError(f"{self.dir} was marked failed by another process before it completed.")
+        if not keep_checkpoint:
+            (self.dir / "checkpoint.npz").unlink(missing_ok=True)
+        try:
+            rebuild_scaling_csv(self.dir.parent)
+        except OSError as e:  # the run is complete; the table is derived and rebuilt by the next run
+            print(f"labtools: {self.dir.parent / 'scaling_results.csv'} not updated ({e}); "
+                  f"`labtools runs --rebuild` rebuilds it.", flush=True)
+
+
+# ---------------------------------------------------------------------- the scaling table
+
+def scaling_row(d: Path, m: dict, s: dict) -> dict:
+    """One completed run in the paper's scaling_results.csv columns."""
+    cfg, test = m.get("config", {}), s.get("eval_set", "test") == "test"
+    return {"world": s["world"], "epochs": s["epochs"], "batch_per_node": s["batch_per_node"],
+            "batch_per_rank": s["batch_per_rank"], "mean_train_loss": f"{s['mean_train_loss']:.4f}",
+            "mean_train_acc_pct": f"{100 * s['mean_train_acc']:.2f}", "global_time_sec": f"{s['global_wall_s']:.2f}",
+            "cifar_dir": cfg.get("cifar_dir"), "test_acc_pct": f"{100 * s['test_acc']:.2f}" if test else "",
+            "test_loss": f"{s['test_loss']:.4f}" if test else "", "processes": s["processes"], "sync": s["sync"],
+            "seed": s["seed"], "run_id": d.name}
+
+
+def rebuild_scaling_csv(exp_dir) -> Path:
+    """OUT/EXPERIMENT/scaling_results.csv: one row per completed run of the experiment, in order of
+    completion. Under a lock, so concurrent runs never lose each other's rows; rows already there are
+    kept (only runs not yet listed are read), rows of folders that are gone are dropped."""
+    import csv
+
+    exp_dir = Path(exp_dir)
+    path = exp_dir / "scaling_results.csv"
+    with open(exp_dir / ".scaling.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with open(path, newline="") as f:
+                have = list(csv.DictReader(f))
+        except (OSError, csv.Error):
+            have = []
+        folders = {p.parent.name for p in exp_dir.glob("*/manifest.json")}
+        rows = [r for r in have if r.get("run_id") in folders]
+        listed = {r["run_id"] for r in rows}
+        new = []
+        for d in sorted(exp_dir / n for n in folders - listed):
+            if results.is_completed(d):
+                m, s = results.read_json(d / "manifest.json"), results.read_json(d / "summary.json")
+                new.append((m.get("end_utc") or "", d.name, scaling_row(d, m, s)))
+        rows += [r for *_, r in sorted(new, key=lambda r: r[:2])]
+        if rows != have or not path.exists():
+            results.write_csv(path, rows, results.SCALING_COLUMNS)
+    return path
+
+
+# ---------------------------------------------------------------------- readers
+
+def _heartbeat_age(d: Path) -> float:
+    hb = d / ".heartbeat"
+    ref = hb if hb.exists() else d / "manifest.json"
+    return time.time() - ref.stat().st_mtime
+
+
+def status(run_dir) -> str:
+    """completed | failed | interrupted | running | died (running on disk, but its heartbeat stopped)."""
+    d = Path(run_dir)
+    m = results.read_json(d / "manifest.json")
+    st = m.get("status", RUNNING)
+    if st == COMPLETED and not (d / "summary.json").is_file():
+        return FAILED  # cannot happen with today's writer; an old or tampered record is not completed
+    if st == RUNNING and (_heartbeat_age(d) > DEAD_AFTER_S or _all_gone(m.get("pids"))):
+        return DIED
+    return st
+
+
+def _all_gone(pids) -> bool:
+    """Every process of the run ran on this host and none is alive any more."""
+    import socket
+
+    if not pids or any(h != socket.gethostname() for h, _ in pids):
+        return False
+    for _, pid in pids:
+        try:
+            os.kill(pid, 0)
+            return False
+        except ProcessLookupError:
+            continue
+        except PermissionError:
+            return False
+    return True
+
+
+def listing(root="results", experiment: str | None = None) -> list[dict]:
+    """Every run folder with its status, also the ones that did not complete (`labtools runs`)."""
+    base = Path(root) / experiment if experiment else Path(root)
+    rows = []
+    for man in sorted(base.glob("*/manifest.json" if experiment else "*/*/manifest.json")):
+        d = man.parent
+        try:
+            m = results.read_json(man)
+            st = status(d)
+        except (OSError, ValueError) as e:
+            rows.append({"run": f"{d.parent.name}/{d.name}", "status": f"unreadable ({type(e).__name__})"})
+            continue
+        rows.append({"run": f"{d.parent.name}/{d.name}", "status": st,
+                     "epochs": f"{m.get('epochs_done', 0)}/{m.get('config', {}).get('epochs', '?')}",
+                     "np": m.get("world"), "P": m.get("processes"),
+                     "checkpoint": (d / "checkpoint.npz").is_file(), "start_utc": m.get("start_utc"),
+                     "error": m.get("error", "")})
+    return rows
+
+
+def format_listing(rows: list[dict]) -> str:
+    if not rows:
+        return "no runs"
+    buf = io.StringIO()
+    cols = ["run", "status", "epochs", "np", "P", "checkpoint", "start_utc", "error"]
+    width = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in cols[:-1]}
+    buf.write("  ".join(c.ljust(width[c]) for c in cols[:-1]) + "  error\n")
+    for r in rows:
+        buf.write("  ".join(str(r.get(c, "")).ljust(width[c]) for c in cols[:-1]) + f"  {r.get('error', '')}\n")
+    return buf.getvalue()
