@@ -57,6 +57,25 @@ def check_writable(out, experiment: str) -> None:
         raise RecordError(f"--out {out} is not writable ({e.strerror} in {probe}).") from None
 
 
+def describe(cfg, *, world, processes, ranks_per_process, hosts, pids, cores_per_host, mpi_library,
+             n_train, n_eval, steps_per_epoch, threads) -> dict:
+    """The manifest's facts about a run, computed once: the whole config (portable paths), the launch
+    (N, P, hosts, cores, MPI), the code (git commit, versions, numerics) and the data sizes."""
+    from . import numerics
+
+    return {
+        "config": {**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
+                   "out": provenance.portable_path(cfg.out)},
+        "world": world, "processes": processes, "ranks_per_process": ranks_per_process, "hosts": hosts,
+        "pids": pids, "cores_per_host": dict(cores_per_host), "mpi_library": mpi_library, "threads": threads,
+        "batch_per_rank": cfg.batch_per_rank, "science_key": cfg.science_key(), "seed": cfg.seed,
+        "git_commit": provenance.git_commit(), "versions": provenance.versions(), "host": provenance.host(),
+        "start_utc": provenance.utc_now(), "n_train": n_train, "n_eval": n_eval, "eval_set": cfg.eval_set,
+        "n_test": n_eval if cfg.eval_set == "test" else 0, "steps_per_epoch": steps_per_epoch,
+        "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
+    }
+
+
 class RunRecord:
     def __init__(self, run_dir):
         self.dir = Path(run_dir)
@@ -86,8 +105,8 @@ class RunRecord:
         raise RecordError(f"could not create a new run folder under {parent}.")
 
     @classmethod
-    def open(cls, run_dir) -> "RunRecord":
-        """An existing run to continue: its manifest, and the records up to its checkpoint."""
+    def open(cls, run_dir, cfg=None) -> "RunRecord":
+        """An existing run to continue (with cfg: checked to compute what the run computed)."""
         d = Path(run_dir)
         if not (d / "manifest.json").is_file():
             raise RecordError(f"--resume {d}: no manifest.json there; give the run's folder (OUT/EXPERIMENT/RUN_ID).")
@@ -99,6 +118,15 @@ class RunRecord:
         if st == RUNNING:
             raise RecordError(f"--resume {d}: the run is still running (heartbeat "
                               f"{int(_heartbeat_age(d))}s ago); stop it first.")
+        if cfg is not None:
+            from . import numerics
+
+            old = rec.manifest
+            if old.get("science_key") != cfg.science_key() or old.get("world") != cfg.np:
+                raise RecordError(f"--resume {d}: this launch computes something else than the run recorded there.")
+            if old.get("numerics_sources") not in numerics.same_numbers() | {numerics.sources_sha()}:
+                raise RecordError(f"--resume {d}: the run was started by code that computes differently "
+                                  f"(numerics sources {old.get('numerics_sources')}); start a new run instead.")
         return rec
 
     # ------------------------------------------------------------------ status
@@ -218,6 +246,29 @@ class RunRecord:
         return meta, states
 
     # ------------------------------------------------------------------ the end
+    def summarize(self, cfg, processes: int, global_wall: float, other_cores: dict, digests: dict,
+                  init_diag: dict) -> dict:
+        """The run's summary from its epoch rows, and its wall-time kind, decided here once."""
+        from . import records
+
+        m = self.manifest
+        kind = records.RESUMED if m.get("resumed") else \
+            records.wall_time_kind(m["world"], processes, m["hosts"], m["cores_per_host"], other_cores)
+        self.write_manifest(other_cores=other_cores, wall_time_kind=kind, cluster_wall_time=kind == records.CLUSTER)
+        eset, rows = cfg.eval_set, self.epoch_rows
+        last = rows[-1]
+        return {
+            "world": m["world"], "processes": processes, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
+            "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
+            f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
+            "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
+            "global_wall_s": global_wall, "cluster_wall_time": kind == records.CLUSTER, "wall_time_kind": kind,
+            "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]),
+            "dead_conv10_frac": last.get("dead_conv10_frac"), **{f"init_{k}": v for k, v in init_diag.items()},
+            "mean_epoch_s": sum(r["epoch_wall_s"] for r in rows) / len(rows), "eval_s": sum(r["eval_s"] for r in rows),
+            "final_weight_digests": digests,
+        }
+
     def complete(self, summary: dict, keep_checkpoint: bool = False) -> None:
         """The summary, then `completed`: if a write fails (a full disk) the record is not completed.
         Then the experiment's scaling_results.csv is rebuilt from its completed runs, so it never

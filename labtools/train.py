@@ -16,11 +16,11 @@ from pathlib import Path
 import numpy as np
 
 from . import data as D
-from . import keeper, numerics, provenance, records
+from . import keeper, records
 from .comm import Comm, RankFailure, RunInterrupted, default_threads
 from .config import ConfigError, RunConfig
 from .metrics import is_at_chance, is_collapsed
-from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable
+from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable, describe
 
 
 def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
@@ -100,34 +100,22 @@ def _say(cfg: RunConfig, line: str) -> None:
 def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:
     """The root creates (or reopens) the run folder; everyone gets its path and the progress so far
     (epochs done, wall time, ...); on resume every logical rank gets its checkpointed state back."""
-    facts = dict(
-        config={**cfg.to_dict(), "cifar_dir": provenance.portable_path(cfg.cifar_dir),
-                "out": provenance.portable_path(cfg.out)},
-        world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
-        pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
-        science_key=cfg.science_key(), mpi_library=comm.library_version(), git_commit=provenance.git_commit(),
-        versions=provenance.versions(), host=provenance.host(), start_utc=provenance.utc_now(),
-        n_train=len(w.ytr), n_test=len(w.yte) if cfg.eval_set == "test" else 0, n_eval=len(w.yte),
-        steps_per_epoch=w.steps_per_epoch, seed=cfg.seed, eval_set=cfg.eval_set, threads=threads,
-        numerics_version=numerics.VERSION, numerics_sources=numerics.sources_sha())
+    launch = dict(world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
+                  pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
+                  mpi_library=comm.library_version(), n_train=len(w.ytr), n_eval=len(w.yte),
+                  steps_per_epoch=w.steps_per_epoch, threads=threads)
 
     def root_open():
         if resume is None:
             default = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-np{w.N}-{cfg.science_key()}-s{cfg.seed}"
             rec = RunRecord.create(cfg.out, cfg.experiment, cfg.run_id, default)
-            rec.start({**facts, "cores_per_host": dict(facts["cores_per_host"])})
+            rec.start(describe(cfg, **launch))
             return rec, None, {"epochs_done": 0, "wall_s": 0.0, "init_diag": None}
-        rec = RunRecord.open(resume)
-        old = rec.manifest
-        if old.get("science_key") != cfg.science_key() or old.get("world") != w.N:
-            raise RecordError(f"--resume {resume}: this launch computes something else than the run recorded there.")
-        if old.get("numerics_sources") not in numerics.same_numbers() | {numerics.sources_sha()}:
-            raise RecordError(f"--resume {resume}: the run was started by code that computes differently "
-                              f"(numerics sources {old.get('numerics_sources')}); start a new run instead.")
+        rec = RunRecord.open(resume, cfg)
         ck = rec.load_checkpoint()
         meta, states = ck if ck else ({"epochs_done": 0, "wall_s": 0.0, "init_diag": None}, {})
-        rec.start({**facts, "cores_per_host": dict(facts["cores_per_host"])},
-                  resumed={"utc": facts["start_utc"], "from_epoch": meta["epochs_done"], "processes": comm.size})
+        facts = describe(cfg, **launch)
+        rec.start(facts, resumed={"utc": facts["start_utc"], "from_epoch": meta["epochs_done"], "processes": comm.size})
         return rec, states, meta
 
     opened = _root_decides(comm, root_open, share=False)
@@ -282,30 +270,13 @@ def _save(cfg, comm, w, rec: RunRecord, progress: dict, global_wall: float, mon)
 def _complete(cfg, comm, w, rec: RunRecord, progress, global_wall, spans, digests) -> dict | None:
     if not comm.is_root:
         return None
-    m = rec.manifest
-    other = records.other_load(spans)
-    kind = records.RESUMED if m.get("resumed") else \
-        records.wall_time_kind(w.N, comm.size, m["hosts"], m["cores_per_host"], other)
     if cfg.save_weights:
         np.save(rec.dir / "final_weights.npy", w.states[w.ranks[0]][0])
-    eset, rows = cfg.eval_set, rec.epoch_rows
-    last = rows[-1]
-    summary = {
-        "world": w.N, "processes": comm.size, "epochs": cfg.epochs, "sync": cfg.sync, "seed": cfg.seed,
-        "batch_per_node": cfg.batch_per_node, "batch_per_rank": cfg.batch_per_rank,
-        f"{eset}_acc": last[f"{eset}_acc"], f"{eset}_loss": last[f"{eset}_loss"], "eval_set": eset,
-        "mean_train_loss": last["mean_train_loss"], "mean_train_acc": last["mean_train_acc"],
-        "global_wall_s": global_wall, "cluster_wall_time": kind == records.CLUSTER, "wall_time_kind": kind,
-        "collapsed": bool(last["collapsed"]), "at_chance": bool(last["at_chance"]),
-        "dead_conv10_frac": last.get("dead_conv10_frac"),
-        **{f"init_{k}": v for k, v in progress["init_diag"].items()},
-        "mean_epoch_s": sum(r["epoch_wall_s"] for r in rows) / len(rows), "eval_s": sum(r["eval_s"] for r in rows),
-        "final_weight_digests": {str(r): h for part in digests for r, h in part.items()},
-    }
-    rec.write_manifest(other_cores=other, wall_time_kind=kind, cluster_wall_time=kind == records.CLUSTER)
+    summary = rec.summarize(cfg, comm.size, global_wall, records.other_load(spans),
+                            {str(r): h for part in digests for r, h in part.items()}, progress["init_diag"])
+    eset, name = cfg.eval_set, "Test" if cfg.eval_set == "test" else "Validation"
     _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
     _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
-    name = "Test" if eset == "test" else "Validation"
     _say(cfg, f"[Root] {name} acc: {summary[f'{eset}_acc']:.4f} | {name} loss: {summary[f'{eset}_loss']:.4f}")
     rec.complete(summary)
     return summary

@@ -298,7 +298,8 @@ def test_kill9_of_a_rank_is_named_marked_failed_and_resume_gives_the_same_weight
     victim = _worker(p, 1)
     victim.kill()
     rc, _, err, took = _ended(p)
-    assert rc == 137 and took < 5, (rc, took, err[-2000:])
+    # Hydra reports 137 (the keeper's 128+9) or 9 (the other processes it killed), whichever it sees first
+    assert rc in (9, 137) and took < 15, (rc, took, err[-2000:])  # 0.3-0.4 s on a quiet machine
     assert f"process 1 (host {os.uname().nodename}, pid {victim.pid}) was killed by SIGKILL" in err
     m = _manifest(d)
     assert m["status"] == "failed" and "process 1" in m["error"] and "SIGKILL" in m["error"]
@@ -399,7 +400,7 @@ def test_a_full_disk_never_yields_a_completed_record(cifar_dir, tmp_path, limit)
     the final writes, or the sweep did not test the end."""
     from labtools.train import run
 
-    cfg = RunConfig(limit_train=48, limit_test=20, epochs=1, quiet=True, diagnostics=False,
+    cfg = RunConfig(limit_train=48, limit_test=20, epochs=1, quiet=True, diagnostics=False, threads=1,
                     cifar_dir=cifar_dir, experiment="full", checkpoint=False)
     late_failures, completed_at = 0, None
     for k in range(1, 40):
