@@ -73,6 +73,8 @@ def describe(cfg, *, world, processes, ranks_per_process, hosts, pids, cores_per
         "start_utc": provenance.utc_now(), "n_train": n_train, "n_eval": n_eval, "eval_set": cfg.eval_set,
         "n_test": n_eval if cfg.eval_set == "test" else 0, "steps_per_epoch": steps_per_epoch,
         "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
+        # set by labtools.emulate for hosts that are network namespaces of one machine
+        "emulated_hosts": os.environ.get("LABTOOLS_EMULATED_HOSTS"),
     }
 
 
@@ -252,7 +254,7 @@ class RunRecord:
         from . import records
 
         m = self.manifest
-        kind = records.RESUMED if m.get("resumed") else \
+        kind = records.RESUMED if m.get("resumed") else records.EMULATED if m.get("emulated_hosts") else \
             records.wall_time_kind(m["world"], processes, m["hosts"], m["cores_per_host"], other_cores)
         self.write_manifest(other_cores=other_cores, wall_time_kind=kind, cluster_wall_time=kind == records.CLUSTER)
         eset, rows = cfg.eval_set, self.epoch_rows

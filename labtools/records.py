@@ -20,7 +20,8 @@ UNKNOWN = "not a cluster time: cores per host not recorded"
 CONTENDED = "not a cluster time: other load on a host during the run"
 UNKNOWN_LOAD = "not a cluster time: other load on the hosts not recorded"
 RESUMED = "not a cluster time: a resumed run (the sum of its launches' training times)"
-KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, CONTENDED, UNKNOWN, UNKNOWN_LOAD, RESUMED)
+EMULATED = "not a cluster time: emulated hosts (network namespaces) sharing one machine's cores"
+KINDS = (CLUSTER, OVERSUBSCRIBED, LOGICAL, CONTENDED, UNKNOWN, UNKNOWN_LOAD, RESUMED, EMULATED)
 # Other work on a host, in cores averaged over the run, above which its times are not a benchmark.
 MAX_OTHER_CORES = 0.3
 
