@@ -198,6 +198,23 @@ class Hosts:
         self.wrapper = os.path.join(self.tmp, "ssh-netns")
         Path(self.wrapper).write_text(self._wrapper_script())
         os.chmod(self.wrapper, 0o755)
+        self._wait_links()
+
+    def _wait_links(self, timeout: float = 10.0) -> None:
+        """Return once every link is up and forwarding: a launch right after setup must not race it."""
+        def ready(veth: str) -> bool:
+            try:
+                state = Path(f"/sys/class/net/{veth}/operstate").read_text().strip()
+                port = Path(f"/sys/class/net/{veth}/brport/state").read_text().strip()
+            except OSError:
+                return False
+            return state == "up" and port == "3"  # BR_STATE_FORWARDING
+
+        deadline = time.monotonic() + timeout
+        while not all(ready(v) for v in self.veths):
+            if time.monotonic() > deadline:
+                raise HostsError(f"links {self.veths} not up and forwarding after {timeout:g}s")
+            time.sleep(0.05)
 
     def _wrapper_script(self) -> str:
         cases = []

@@ -83,9 +83,11 @@ def _delta(before: dict, after: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
+# Rank 0 prints every rank's line: two processes printing at once interleave in Hydra's output.
 ALLREDUCE = ("import socket, numpy as np; from mpi4py import MPI; c = MPI.COMM_WORLD; "
              "a = np.full(20 * 2**20 // 8, c.rank + 1.0); b = np.empty_like(a); c.Allreduce(a, b); "
-             "print(c.rank, socket.gethostname(), b.min(), b.max(), flush=True)")
+             "rows = c.gather(f'{c.rank} {socket.gethostname()} {b.min()} {b.max()}'); "
+             "c.rank == 0 and print('\\n'.join(rows), flush=True)")
 
 
 def test_allreduce_crosses_the_link(cluster):
