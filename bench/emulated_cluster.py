@@ -87,7 +87,7 @@ def main() -> None:
                 "veth_bytes": moved, "veth_bytes_total": sum(moved.values()),
                 "test_acc": summary.get("test_acc"), "final_weight_digest": sorted(set(summary["final_weight_digests"].values())),
                 "batch_per_rank": summary["batch_per_rank"], "recorded_hosts": manifest["hosts"], "recorded_wall_time_kind": manifest.get("wall_time_kind"),
-                "run_dir": str(run_dir),
+                "run_dir": provenance.portable_path(run_dir),  # no machine path in a tracked file
             }
             print(f"np={n}: {wall:.1f}s launch, epoch_wall_s={runs[str(n)]['epoch_wall_s']}, "
                   f"sync_s={runs[str(n)]['sync_s']}, veth MB={ {k: round(v / 1e6, 1) for k, v in moved.items()} }",
