@@ -4,39 +4,30 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 from pathlib import Path
 
 import psutil
 import pytest
 
-from labtools.cluster import BIN, EngineDied, Pool, PoolError, _host_args, load_profile
+from labtools import procs
+from labtools.cluster import EngineDied, Pool, PoolError
+from labtools.cluster_profile import BIN, ProfileError, SlurmEngines, host_args, launcher, load_profile
 from labtools.config import RunConfig
 
 pytestmark = pytest.mark.mpi
 
-CLUSTER_PARTS = ("ipengine", "ipyparallel.engine", "ipcontroller", "ipyparallel.controller", "mpiexec",
-                 "hydra_pmi_proxy")
-
 
 def leftovers(cluster_id: str, descendants: bool = True) -> list[str]:
     """Live ipengine/ipcontroller/mpiexec processes carrying the cluster id (or below this test process)."""
-    cands = psutil.Process().children(recursive=True) if descendants else []
-    for p in psutil.process_iter():
+    def cmd(p):
         try:
-            if p.environ().get("IPP_CLUSTER_ID") == cluster_id or cluster_id in " ".join(p.cmdline()):
-                cands.append(p)
+            return " ".join(p.cmdline())[:100]
         except psutil.Error:
-            pass
-    found = set()
-    for p in cands:
-        try:
-            cmd = " ".join(p.cmdline()) or p.name()
-            if p.status() != psutil.STATUS_ZOMBIE and any(k in cmd for k in CLUSTER_PARTS):
-                found.add(f"{p.pid}: {cmd[:100]}")
-        except psutil.Error:
-            pass
-    return sorted(found)
+            return "(gone)"
+
+    return sorted(f"{p.pid}: {cmd(p)}" for p in procs.find(cluster_id, under=os.getpid() if descendants else None))
 
 
 def notebook_fn(f):
@@ -162,7 +153,29 @@ def test_profile_file(tmp_path):
     p.write_text(json.dumps({"hosts": "pi1,pi2", "ranks_per_node": 2, "mpi_args": ["-v"]}))
     prof = load_profile(p)
     assert prof["hosts"] == ["pi1", "pi2"] and Pool(profile=p).n == 4
-    assert _host_args(prof, [str(BIN / "mpiexec")]) == ["-hosts", "pi1,pi2", "-ppn", "2"]  # MPICH wheel
+    assert host_args(prof, [str(BIN / "mpiexec")]) == ["-hosts", "pi1,pi2", "-ppn", "2"]  # MPICH wheel
     p.write_text(json.dumps({"host": "pi1"}))
-    with pytest.raises(PoolError, match="unknown key"):
+    with pytest.raises(ProfileError, match="unknown key.*host"):
         load_profile(p)
+    with pytest.raises(PoolError, match=r"pis.json has unknown key\(s\) host;"):  # one sentence, at construction
+        Pool(profile=p)
+    p.write_text("{not json")
+    with pytest.raises(PoolError, match="is not valid JSON"):
+        Pool(profile=p)
+
+
+def test_slurm_profile_becomes_the_slurm_launchers_settings(tmp_path):
+    """A profile's slurm keys are ipyparallel's Slurm launcher settings; its batch script has them all."""
+    prof = load_profile({"launcher": "slurm", "hosts": "n1,n2", "ranks_per_node": 2, "mpi_args": ["-bind-to", "core"],
+                         "slurm": {"partition": "compute", "account": "lab", "time": "01:00:00",
+                                   "options": ["--mem-per-cpu=2G"]}})
+    cls, config, kw = launcher(prof)
+    assert cls is SlurmEngines and kw["controller_ip"] == "*" and Pool(profile=prof).n == 4
+    es = cls(config=config, profile_dir=str(tmp_path), cluster_id="abc")
+    es.write_batch_script(4)
+    lines = Path(es.batch_file).read_text().splitlines()
+    for want in ("--job-name=ipengine-abc", "--ntasks=4", "--partition=compute", "--account=lab", "--time=01:00:00",
+                 "--ntasks-per-node=2", "--nodelist=n1,n2", "--mem-per-cpu=2G"):
+        assert f"#SBATCH {want}" in lines, lines
+    assert lines[-1] == f"{BIN / 'mpiexec'} -bind-to core {sys.executable} -m ipyparallel.engine --mpi", lines
+    assert Path(es.batch_file).parent == tmp_path / "log"  # next to the job's output, not in the cwd
