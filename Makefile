@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= quick
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main test venv train-np2
+.PHONY: main test venv train-np2 bench
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -24,3 +24,7 @@ train-np2: venv
 
 test: venv
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Every benchmark (an idle machine, about 25 minutes here); JSON under bench/results, table in the README.
+bench: venv
+	$(BIN)/python -m bench

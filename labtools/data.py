@@ -1,7 +1,9 @@
 """CIFAR-10: find, download, verify, load as uint8; strided shards; input preprocessing.
 
-Imports nothing from labtools and no TensorFlow: a rank holds the uint8 arrays (150 MB for the
-training set) and converts only the batch it is about to use to float32.
+Imports nothing from labtools and no TensorFlow: a process holds uint8 arrays and converts only the
+batch it is about to use to float32. A training process holds only the rows it uses (load_rows:
+its logical ranks' shards and the evaluation rows it evaluates, 1/N of each set for N = P), as Rows
+indexed by global row number; load_cifar10 loads everything (150 MB for the training set).
 """
 from __future__ import annotations
 
@@ -299,6 +301,126 @@ def load_cifar10(d: str | os.PathLike, train: bool = True, test: bool = True,
         if limit_test:
             xte, yte = xte[:limit_test], yte[:limit_test]
     return xtr, ytr, xte, yte
+
+
+class Rows:
+    """Some rows of a longer array, indexed by their GLOBAL row numbers.
+
+    ``len`` is the full array's length and ``rows[idx]`` (an int, a slice or an integer array of
+    global indices) returns exactly what ``full[idx]`` would, as long as every row asked for is
+    held; asking for a row that is not held is an IndexError, never a silent wrong row. A process
+    holds only the rows its ranks train on and evaluate (load_rows), and code written for the full
+    array (labtools.worker indexes by global sample number and sizes its shards from ``len``) runs
+    unchanged.
+    """
+
+    def __init__(self, data: np.ndarray, held: np.ndarray, length: int):
+        held = np.asarray(held, np.int64)
+        if len(held) != len(data):
+            raise ValueError(f"{len(held)} row numbers for {len(data)} rows")
+        if len(held) and (held.min() < 0 or held.max() >= length):
+            raise ValueError(f"row numbers outside 0..{length - 1}")
+        self.data, self.held, self.length = data, held, int(length)
+        self._pos = np.full(self.length, -1, np.int64 if self.length > 2**31 - 1 else np.int32)
+        self._pos[held] = np.arange(len(held))
+
+    def __len__(self) -> int:
+        return self.length
+
+    @property
+    def shape(self) -> tuple:
+        return (self.length, *self.data.shape[1:])
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+    @property
+    def nbytes_held(self) -> int:
+        return int(self.data.nbytes)
+
+    def local(self, idx) -> np.ndarray | int:
+        """Positions in ``data`` of the global rows idx (IndexError if one is not held)."""
+        if isinstance(idx, slice):
+            idx = np.arange(self.length)[idx]
+        pos = self._pos[idx]  # numpy checks the global range (and wraps negatives like full[idx])
+        if np.any(pos < 0):
+            bad = np.atleast_1d(np.asarray(idx))[np.atleast_1d(pos) < 0]
+            raise IndexError(f"rows {bad[:5].tolist()}{' ...' if len(bad) > 5 else ''} are not held by this "
+                             f"process ({len(self.held)} of {self.length} rows are)")
+        return pos
+
+    def __getitem__(self, idx):
+        if isinstance(idx, tuple):
+            return self.data[(self.local(idx[0]), *idx[1:])]
+        return self.data[self.local(idx)]
+
+    def __array__(self, *a, **k):
+        raise TypeError(f"Rows holds {len(self.held)} of {self.length} rows; index it by global row numbers "
+                        f"instead of converting it to an array")
+
+    def __repr__(self) -> str:
+        return f"<Rows {len(self.held)} of {self.length} x {self.data.shape[1:]} {self.data.dtype}>"
+
+
+def process_rows(n: int, world: int, processes: int, process: int) -> np.ndarray:
+    """Global rows of the training shards of the logical ranks one process hosts: ranks
+    process*k .. (process+1)*k - 1 with k = world / processes, rank r holding {i : i mod world = r}."""
+    k = world // processes
+    i = np.arange(n, dtype=np.int64)
+    return i[(i % world) // k == process]
+
+
+def eval_rows(n: int, processes: int, process: int) -> np.ndarray:
+    """Rows of an evaluation set one process evaluates (labtools.worker.Worker.evaluate)."""
+    return np.arange(process, n, processes, dtype=np.int64)
+
+
+def _take(d: Path, names: list[str], rows: np.ndarray, size: int):
+    """Rows (sorted, global over the concatenation of the named batches of `size` images each) of
+    those batches, reading only the batches that hold some of them; each batch read is md5-checked
+    (_load_batch) and dropped before the next is read."""
+    xs, ys = [], []
+    for b, name in enumerate(names):
+        lo, hi = np.searchsorted(rows, [b * size, (b + 1) * size])
+        if lo == hi:
+            continue
+        x, y = _load_batch(d / name)
+        sel = rows[lo:hi] - b * size
+        xs.append(x[sel])  # fancy indexing copies: the batch's arrays are freed with x, y
+        ys.append(y[sel])
+        del x, y
+    if not xs:
+        return np.zeros((0, 32, 32, 3), np.uint8), np.zeros(0, np.int64)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_rows(d: str | os.PathLike, world: int, processes: int, process: int, *,
+              limit_train: int | None = None, limit_test: int | None = None, val_split: int = 0,
+              probe: int = 0):
+    """What one process of a run needs, as Rows indexed like load_cifar10's arrays (after
+    split_validation when val_split): (x_train, y_train, x_eval, y_eval).
+
+    Training: the rows of the shards of the process's logical ranks (process_rows), plus the first
+    `probe` rows (the root's dead-ReLU probe batch). Evaluation: the rows the process evaluates
+    (eval_rows) of the test set, or of the held-out last val_split training images. For N = P that is
+    1/N of each set. Same values as the full load, row for row.
+    """
+    d = Path(d)
+    n_all = min(limit_train or TRAIN_SIZE, TRAIN_SIZE)
+    n_train = n_all - val_split
+    train = np.union1d(process_rows(n_train, world, processes, process), np.arange(min(probe, n_train)))
+    if val_split:
+        ev = n_train + eval_rows(val_split, processes, process)
+        x, y = _take(d, [f"data_batch_{i}" for i in range(1, 6)], np.concatenate([train, ev]), TRAIN_SIZE // 5)
+        t = len(train)
+        return (Rows(x[:t], train, n_train), Rows(y[:t], train, n_train),
+                Rows(x[t:], ev - n_train, val_split), Rows(y[t:], ev - n_train, val_split))
+    x, y = _take(d, [f"data_batch_{i}" for i in range(1, 6)], train, TRAIN_SIZE // 5)
+    n_test = min(limit_test or TEST_SIZE, TEST_SIZE)
+    ev = eval_rows(n_test, processes, process)
+    xe, ye = _take(d, ["test_batch"], ev, TEST_SIZE)
+    return Rows(x, train, n_train), Rows(y, train, n_train), Rows(xe, ev, n_test), Rows(ye, ev, n_test)
 
 
 def split_validation(x: np.ndarray, y: np.ndarray, k: int):

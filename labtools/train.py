@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import time
+import traceback
 from pathlib import Path
 
 import numpy as np
@@ -136,7 +137,7 @@ def _train_epoch(cfg, comm, w, strategy, epoch, mon) -> tuple[dict, dict, float]
     t0 = time.perf_counter()
     stats, info = strategy.train_epoch(w, epoch)
     t_train = time.perf_counter() - t0
-    rss, cpu = mon.lap()
+    mem = mon.lap_all()  # peak_rss_mb, peak_pss_mb, peak_uss_mb, cpu_pct
     rows = {}
     for r in w.ranks:
         st = stats[r]
@@ -144,21 +145,26 @@ def _train_epoch(cfg, comm, w, strategy, epoch, mon) -> tuple[dict, dict, float]
             "rank": r, "epoch": epoch + 1, "train_loss": st.loss / max(st.n, 1),
             "train_acc": st.correct / max(st.n, 1), "samples": st.n, "epoch_s": st.seconds,
             "mean_step_s": st.seconds / max(st.steps, 1), "img_per_s": st.n / max(st.seconds, 1e-9),
-            "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": rss, "cpu_pct": cpu,
-            "process": comm.rank, "process_epoch_s": t_train,
+            "grad_norm": st.gnorm / max(st.steps, 1), "peak_rss_mb": mem["peak_rss_mb"], "cpu_pct": mem["cpu_pct"],
+            "process": comm.rank, "process_epoch_s": t_train, "peak_pss_mb": mem["peak_pss_mb"],
+            "peak_uss_mb": mem["peak_uss_mb"],
         }
         _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
                   f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
     return rows, info, t_train
 
 
-def _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train) -> tuple[dict | None, list | None]:
+def _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train, mon) -> tuple[dict | None, list | None]:
     """Evaluate the synchronized model together; the root gets the epoch row and all rank rows."""
     t1 = time.perf_counter()
     ev = comm.phase(w.evaluate)
     tl, tc = comm.sum(ev[0]), comm.sum(ev[1])
     diag = w.dead_relus() if (cfg.diagnostics and comm.is_root) else {}
     t_eval = time.perf_counter() - t1
+    # an epoch's peak memory covers its evaluation too (the last epoch's would be lost otherwise)
+    for k, v in mon.memory_lap().items():
+        for row in rows.values():
+            row[k] = v if row[k] is None else row[k] if v is None else max(row[k], v)
     all_rows = comm.gather(rows)
     slow = comm.max(t_train)
     if not comm.is_root:
@@ -209,16 +215,70 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     threads = cfg.threads or (resume and _recorded(resume, "threads")) or default_threads(comm)
     _set_threads(threads)
 
-    from .monitor import Monitor
     from .sync import make_strategy
     from .worker import Worker
 
-    xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
-                                        test=not cfg.val_split)
-    if cfg.val_split:  # selection runs never see the test set
-        xtr, ytr, xte, yte = D.split_validation(xtr, ytr, cfg.val_split)
-    w = Worker(cfg, comm, world, xtr, ytr, xte, yte)
-    strategy = make_strategy(cfg)
+    w = strategy = None
+    try:
+        w = Worker(cfg, comm, world, *_load(cfg, comm, path, world))
+        strategy = make_strategy(cfg)
+        return _run(cfg, comm, resume, world, threads, w, strategy)
+    except BaseException as e:
+        # A traceback kept by the caller (IPython keeps the last one) would keep every frame's
+        # locals (the Worker, the data, the gathered states) alive: the finished frames are cleared
+        # (their code and line numbers, all a printed traceback shows, stay).
+        traceback.clear_frames(e.__traceback__)
+        raise
+    finally:
+        # A notebook engine runs many trainings in one process: nothing this run built may outlive
+        # it, on success or failure.
+        _release(w, strategy)
+        w = strategy = None
+
+
+def _load(cfg: RunConfig, comm: Comm, path: str, world: int):
+    """(x_train, y_train, x_eval, y_eval) as this process needs them: the rows of its logical ranks'
+    shards, the evaluation rows it evaluates and, on the root with diagnostics, the dead-ReLU probe
+    rows (data.load_rows), indexed by global row number like the full arrays. Same numbers as the
+    full load; LABTOOLS_FULL_LOAD=1 loads every image in every process (kept to show exactly that)."""
+    if os.environ.get("LABTOOLS_FULL_LOAD") == "1":
+        xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+                                            test=not cfg.val_split)
+        if cfg.val_split:  # selection runs never see the test set
+            xtr, ytr, xte, yte = D.split_validation(xtr, ytr, cfg.val_split)
+        return xtr, ytr, xte, yte
+    probe = PROBE_ROWS if (cfg.diagnostics and comm.is_root) else 0
+    return D.load_rows(path, world, comm.size, comm.rank, limit_train=cfg.limit_train, limit_test=cfg.limit_test,
+                       val_split=cfg.val_split, probe=probe)
+
+
+PROBE_ROWS = 256  # labtools.worker's dead-ReLU probe batch: the first min(256, n_train) training images
+
+
+def _release(w, strategy) -> None:
+    """Drop what a run built (model, optimizer, traced step functions, data) and Keras's global state."""
+    for obj in (w, strategy):
+        if obj is not None:
+            try:
+                obj.__dict__.clear()
+            except AttributeError:
+                pass
+    import gc
+
+    try:  # a cleanup that fails must not hide the run's own outcome
+        import keras
+
+        keras.backend.clear_session()  # Keras's global state and TF's eager kernel cache; gc.collect()
+    except Exception as e:  # noqa: BLE001
+        import warnings
+
+        warnings.warn(f"Keras state not cleared after the run ({type(e).__name__}: {e})", RuntimeWarning, stacklevel=2)
+    gc.collect()
+
+
+def _run(cfg: RunConfig, comm: Comm, resume, world: int, threads: int, w, strategy) -> dict:
+    from .monitor import Monitor
+
     rec, progress = _open_record(cfg, comm, w, resume, threads)
     comm.on_stuck = lambda msg: rec.mark(FAILED, msg)
     for r in w.ranks:
@@ -233,7 +293,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
             for epoch in range(progress["epochs_done"], cfg.epochs):
                 rows, info, t_train = _train_epoch(cfg, comm, w, strategy, epoch, mon)
                 train_wall += t_train
-                er, flat = _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train)
+                er, flat = _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train, mon)
                 progress["epochs_done"] = epoch + 1
                 states = comm.gather(w.local_states()) if cfg.checkpoint else None
                 comm.phase(_end_epoch, comm, rec, er, flat, states,

@@ -17,6 +17,7 @@ import tensorflow as tf
 from . import data as D
 from .comm import Comm
 from .config import RunConfig
+from .fused_adam import FusedAdam
 from .model import relu_probe, squeezenet_v1_1
 
 
@@ -151,6 +152,13 @@ class Worker:
     # ------------------------------------------------------------------ graphs
     def _build_functions(self) -> None:
         model, opt, tvars = self.model, self.opt, self.tvars
+        fused = FusedAdam(opt, tvars) if self.cfg.optimizer == "adam" else None
+
+        def update(grads):  # the optimizer step; returns the gradient's global norm
+            if fused is not None:
+                return fused.update(grads)
+            opt.apply(grads, tvars)
+            return tf.linalg.global_norm(grads)
         spec = (tf.TensorSpec([None, 32, 32, 3], tf.float32), tf.TensorSpec([None], tf.int64),
                 tf.TensorSpec([None], tf.int64))
 
@@ -166,27 +174,25 @@ class Worker:
                 per, correct = forward(x, y, k, True)
                 loss = tf.reduce_mean(per)
             grads = tape.gradient(loss, tvars)
-            opt.apply(grads, tvars)
-            return tf.reduce_sum(per), tf.reduce_sum(correct), tf.linalg.global_norm(grads)
+            return tf.reduce_sum(per), tf.reduce_sum(correct), update(grads)
 
         sizes, shapes = self.sizes, self.shapes
 
         @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),), reduce_retracing=True)
         def allreduce_step(x, y, k, inv_global):
-            # Fused synchronous SGD with as few passes over the 2.9 MB gradient as we could find
-            # (bench/allreduce_overhead.py): the loss is pre-scaled by 1/(global batch) so the summed
-            # gradient is already the mean; one concat into a flat buffer (grads + error flag),
-            # reduced in place by one Allreduce; split along axis 0 back into the variables' shapes.
+            # Fused synchronous SGD (bench/allreduce_overhead.py): the loss is pre-scaled by 1/(global
+            # batch) so the summed gradient is already the mean; one concat into a flat buffer (grads +
+            # error flag), reduced in place by one Allreduce; Adam reads it at offsets, unsplit.
             with tf.GradientTape() as tape:
                 per, correct = forward(x, y, k, True)
                 total = tf.reduce_sum(per) * inv_global
             grads = tape.gradient(total, tvars)
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.zeros([1])], 0)
-            red = tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True)
-            parts = tf.split(tf.reshape(red, tf.shape(flat)), sizes + [1])
-            mean = [tf.reshape(g, s) for g, s in zip(parts, shapes)]
-            opt.apply(mean, tvars)
-            return per, correct, tf.linalg.global_norm(mean)
+            red = tf.reshape(tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True), tf.shape(flat))
+            if fused is not None and fused.op is not None:
+                return per, correct, fused.update(red)
+            mean = [tf.reshape(g, s) for g, s in zip(tf.split(red, sizes + [1]), shapes)]
+            return per, correct, update(mean)
 
         @tf.function(input_signature=spec[:2], reduce_retracing=True)
         def evaluate(x, y):
