@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT))
 from bench import summary  # noqa: E402
 
 STEPS = {
-    "step": ["bench/step_speed.py", "--repeats", "3"],
-    "allreduce": ["bench/allreduce_overhead.py", "--processes", "2", "--steps", "400", "--epochs", "3", "--repeats", "3"],
+    "step": ["bench/step_speed.py", "--repeats", "5"],
+    "allreduce": ["bench/allreduce_overhead.py", "--processes", "2", "--steps", "400", "--epochs", "3", "--repeats", "4"],
     "memory": ["bench/memory.py"],
     "sync": ["bench/sync_costs.py"],
     "model": ["bench/perfmodel_report.py"],

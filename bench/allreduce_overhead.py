@@ -37,7 +37,8 @@ def main():
         for sync in ("epoch-average", "allreduce"):
             cfg = RunConfig(np=a.processes, ranks_per_node=a.processes, batch_per_node=12 * a.processes,
                             epochs=a.epochs, limit_train=a.steps * 12 * a.processes, limit_test=500,
-                            sync=sync, diagnostics=False, quiet=True, out=tmp, experiment=sync, seed=rep)
+                            sync=sync, diagnostics=False, quiet=True, out=tmp, experiment=sync, seed=rep,
+                            threads=1)  # one TensorFlow thread per process: P processes on P cores
             s = runner(cfg, a.processes)
             rk = results.load_rank_epochs(s["run_dir"])
             warm = rk[rk.epoch > 1]
