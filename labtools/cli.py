@@ -182,9 +182,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--experiment", default=None, help="only this experiment")
     u.add_argument("--rebuild", action="store_true", help="rebuild each experiment's scaling_results.csv from its records")
     u.set_defaults(fn=_runs)
-    d = sub.add_parser("data", help="find, verify or download CIFAR-10")
-    d.add_argument("action", choices=("where", "verify", "download"))
-    d.add_argument("--cifar-dir", default=None)
+    d = sub.add_parser("data", help="find, verify or download CIFAR-10",
+                       description="where: print the CIFAR-10 folder labtools would use (--cifar-dir, $CIFAR10_DIR, "
+                                   "data/, ~/.keras/datasets). verify: check the md5 of its seven files. download: "
+                                   "fetch the official archive into --dest, check its sha256 and the files' md5.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    d.add_argument("action", choices=("where", "verify", "download"), help="what to do")
+    d.add_argument("--cifar-dir", default=None, help="folder holding the cifar-10-batches-py files")
     d.add_argument("--dest", default="data", help="download target folder")
     d.add_argument("--deadline", type=float, default=None,
                    help="seconds the whole download may take (default: $LABTOOLS_DOWNLOAD_DEADLINE or 900)")
@@ -209,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors are printed by MPI rank 0 only: `mpiexec -n 2 labtools train --sync x` says it once."""
+    """A usage error is one line, printed by MPI rank 0 only: `mpiexec -n 2 labtools train --sync x`
+    says it once, and does not bury it under the full usage (`--help` shows that)."""
 
     def error(self, message):
         from .keeper import process_rank
 
         if (process_rank() or 0) == 0:
-            self.print_usage(sys.stderr)
-            print(f"{self.prog}: error: {message}", file=sys.stderr)
+            print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
         sys.exit(2)
 
 

@@ -110,7 +110,8 @@ def load_runs(root="results", experiment: str | None = None, stale: bool = False
     Records are migrated (labtools.records.migrate). Runs whose numbers today's code would not
     reproduce (numerics_current False) are left out unless stale=True. include_incomplete=True adds
     the runs that did not complete, with their status (failed, interrupted, running, died) and no
-    metrics. A root that does not exist is an error, not an empty table.
+    metrics. A root that does not exist is an error, not an empty table; a root without matching
+    records gives an empty table and a warning that says so (and how many stale runs were left out).
     """
     import pandas as pd
 
@@ -119,10 +120,11 @@ def load_runs(root="results", experiment: str | None = None, stale: bool = False
         raise FileNotFoundError(f"no results folder {base.resolve()}")
     from .record import status
 
-    rows = []
+    rows, left_out = [], 0
     for d in run_dirs(root, experiment, completed=not include_incomplete):
         m, s = read_record(d)
         if not (stale or m["numerics_current"]):
+            left_out += 1
             continue
         st = status(d)
         if st != "completed":
@@ -133,6 +135,12 @@ def load_runs(root="results", experiment: str | None = None, stale: bool = False
                                           "git_commit", "numerics_version", "numerics_current", "eval_set")})
         row.update(s)
         rows.append(row)
+    if not rows:
+        import warnings
+
+        warnings.warn(f"no {'' if include_incomplete else 'completed '}run records in {base.resolve()}"
+                      + (f"; {left_out} made by code whose numbers differ from today's were left out "
+                         "(stale=True includes them)" if left_out else ""), stacklevel=2)
     return pd.DataFrame(rows)
 
 

@@ -123,6 +123,8 @@ def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[R
     rec_path = comm.bcast(str(opened[0].dir) if comm.is_root else None)
     rec = opened[0] if comm.is_root else RunRecord(rec_path)
     keeper.tell(rec.dir)
+    if comm.is_root:
+        _say(cfg, f"[Root] Run folder: {rec.dir}")
     progress = comm.bcast(opened[2] if comm.is_root else None)
     states = opened[1] if comm.is_root else None
     if resume is not None and progress["epochs_done"]:
@@ -337,8 +339,9 @@ def _complete(cfg, comm, w, rec: RunRecord, progress, global_wall, spans, digest
     eset, name = cfg.eval_set, "Test" if cfg.eval_set == "test" else "Validation"
     _say(cfg, f"[Root] Global wall time: {global_wall:.2f}s")
     _say(cfg, f"[Root] Mean train acc: {100 * summary['mean_train_acc']:.2f}% | loss: {summary['mean_train_loss']:.4f}")
-    _say(cfg, f"[Root] {name} acc: {summary[f'{eset}_acc']:.4f} | {name} loss: {summary[f'{eset}_loss']:.4f}")
+    _say(cfg, f"[Root] {name} acc: {100 * summary[f'{eset}_acc']:.2f}% | {name} loss: {summary[f'{eset}_loss']:.4f}")
     rec.complete(summary)
+    _say(cfg, f"[Root] Run folder: {rec.dir}")
     return summary
 
 

@@ -82,3 +82,14 @@ def test_outcome_definitions():
     assert metrics.is_at_chance(0.19, dead_conv10_frac=1.0) and not metrics.is_at_chance(0.19, dead_conv10_frac=0.8)
     assert metrics.is_at_chance(0.5, loss=math.log(10))  # a superset of the exact collapse
     assert not metrics.is_at_chance(0.5, dead_conv10_frac=float("nan"))
+
+
+def test_load_runs_says_when_a_folder_holds_no_records(tmp_path):
+    """An empty table never comes back silently; a missing folder is an error."""
+    from labtools import results
+
+    (tmp_path / "exp").mkdir()
+    with pytest.warns(UserWarning, match=r"no completed run records in .*exp"):
+        assert results.load_runs(tmp_path, "exp").empty
+    with pytest.raises(FileNotFoundError, match="no results folder"):
+        results.load_runs(tmp_path, "nosuch")

@@ -51,7 +51,8 @@ def test_mpiexec_2_writes_logs_csvs_manifest(cifar_dir, tmp_path):
                                     "mean_train_acc_pct", "global_time_sec", "cifar_dir"]
     assert sc.world.tolist() == [2] and abs(sc.global_time_sec[0] - s["global_wall_s"]) < 0.01
     # the root's log line and the summary say the same
-    assert f"[Root] Test acc: {s['test_acc']:.4f}" in out
+    assert f"[Root] Test acc: {100 * s['test_acc']:.2f}%" in out
+    assert out.count(f"[Root] Run folder: {d}") == 2  # at start and at the end
 
 
 def test_val_split_holds_out_the_last_training_images(cifar_dir, tmp_path):
