@@ -6,6 +6,7 @@ Runs, in this order, each writing its JSON under bench/results/:
   memory    bench/memory.py              peak RSS / PSS / USS per rank, engine memory over 5 runs
   sync      bench/sync_costs.py          MPI alpha, beta here and on emulated 1 Gbit/s hosts (root)
   model     bench/perfmodel_report.py    the cluster model: paper Table 2 predicted, model vs here
+  newcomer  bench/newcomer.py            a fresh clone: make main twice and make figures, timed, git status
 then renders bench/results/summary.md from the JSON and puts it in the README's bench block.
 
     python -m bench [--only step,allreduce] [--quick]
@@ -29,6 +30,7 @@ STEPS = {
     "memory": ["bench/memory.py"],
     "sync": ["bench/sync_costs.py"],
     "model": ["bench/perfmodel_report.py"],
+    "newcomer": ["bench/newcomer.py"],
 }
 QUICK = {"step": ["--repeats", "1", "--images", "2400"], "allreduce": ["--repeats", "1", "--steps", "200"]}
 

@@ -47,7 +47,7 @@ def main():
     ar = sum(per["allreduce"]) / len(per["allreduce"])
     out = {"mean_step_s": {"epoch-average": ea, "allreduce": ar}, "per_repeat": per,
            "allreduce_overhead_pct": 100 * (ar - ea) / ea, "processes": a.processes, "steps_per_epoch": a.steps,
-           "warm_epochs": a.epochs - 1, "batch_per_rank": 12, **provenance.sidecar()}
+           "warm_epochs": a.epochs - 1, "batch_per_rank": 12, **provenance.sidecar(date_utc=provenance.utc_now())}
     # one file per process count, so a run at another P does not overwrite the P = 2 measurement
     results.write_json(a.out or ROOT / "bench" / "results" / f"allreduce_overhead_p{a.processes}.json", out)
     print(json.dumps({k: out[k] for k in ("mean_step_s", "allreduce_overhead_pct")}, indent=1))

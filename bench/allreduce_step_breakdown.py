@@ -83,7 +83,7 @@ def main():
                "overhead_pct": {"allreduce_step": 100 * (ms["allreduce_step"] - base) / base,
                                 "pack_unpack_only": 100 * (ms["allreduce_step_no_comm"] - base) / base,
                                 "allreduce_only": 100 * ms["allreduce_only"] / base},
-               **provenance.sidecar()}
+               **provenance.sidecar(date_utc=provenance.utc_now())}
         path = a.out or ROOT / "bench" / "results" / f"allreduce_step_breakdown_p{comm.size}.json"
         results.write_json(path, out)
         print({k: round(v, 3) for k, v in ms.items()}, {k: round(v, 1) for k, v in out["overhead_pct"].items()})

@@ -103,7 +103,7 @@ def main() -> None:
                  f"loadavg_1m_before: other work on this machine, which slows every emulated host alike."),
         "cluster_wall_time": False, "emulated_hosts": True, "rate": a.rate, "processes_per_host": a.ppn,
         "epochs": a.epochs, "limit_train": a.limit_train, "limit_test": a.limit_test, "threads": a.threads,
-        "runs": runs, **provenance.sidecar(),
+        "runs": runs, **provenance.sidecar(date_utc=provenance.utc_now()),
     }
     results.write_json(a.json, out)
     print(a.json)

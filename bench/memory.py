@@ -171,7 +171,7 @@ def main() -> None:
             print({k: v for k, v in out["mpi_np2"].items() if k != "command"}, flush=True)
         if not a.skip_engine:
             out["engine"] = engine_runs(a.runs, Path(tmp) / "engine", a.cifar_dir)
-    out.update(provenance.sidecar())
+    out.update(provenance.sidecar(date_utc=provenance.utc_now()))
     results.write_json(a.json, out)
     print(a.json)
 

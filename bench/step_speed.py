@@ -98,7 +98,7 @@ def main():
     out = {"repeats": reps, "images_per_epoch": a.images, "epochs": a.epochs, "batch_per_rank": 12, "threads": 1,
            "ratio_labtools_over_fit": spread([r["labtools_over_fit"] for r in reps]),
            **({"p2_efficiency": spread([r["p2_efficiency"] for r in reps])} if not a.no_p2 else {}),
-           "fused_adam": _fused(), **provenance.sidecar()}
+           "fused_adam": _fused(), **provenance.sidecar(date_utc=provenance.utc_now())}
     results.write_json(a.out, out)
     print(json.dumps({k: out[k] for k in out if k.startswith(("ratio", "p2"))}, indent=1))
 

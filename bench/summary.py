@@ -61,6 +61,25 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
     return out
 
 
+def newcomer_rows(root: Path) -> list[tuple[str, str]]:
+    """The newcomer's path (bench/newcomer.py): fresh clone, make main twice, make figures."""
+    nc = _load(root / "bench" / "results", "newcomer.json")
+    if not nc:
+        return []
+    mins = lambda s: f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"  # noqa: E731
+    what = {"make_main_1": "`make main` on the fresh clone (venv, install, compute, notebooks)",
+            "make_main_2": "`make main` again", "make_figures": "`make figures` (paper profile, stored runs)"}
+    out = []
+    for k, label in what.items():
+        st = nc["steps"].get(k)
+        if st is None:
+            continue
+        runs = "" if st["runs_computed"] is None else f", {st['runs_computed']} runs computed"
+        clean = "clean" if not st["git_status_lines"] else f"{len(st['git_status_lines'])} paths changed"
+        out.append((label, f"{mins(st['seconds'])}{runs}; exit {st['rc']}; `git status`: {clean}"))
+    return out
+
+
 def table(root: Path) -> str:
     lines = ["| what | measured here | goal | from bench/results/ |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | `{d}` |" for a, b, c, d in rows(root)]
@@ -68,8 +87,12 @@ def table(root: Path) -> str:
 
 
 def section(root: Path) -> str:
+    nc = newcomer_rows(root)
+    newcomer = (["", "The newcomer's path, timed by `bench/newcomer.py` (a fresh clone of HEAD, pip's cache warm, "
+                 "CIFAR-10 from `CIFAR10_DIR`):", "", "| step | here |", "|---|---|"]
+                + [f"| {a} | {b} |" for a, b in nc]) if nc else []
     return "\n".join([START, "", table(root), "", "The cluster model's predictions of the paper's Table 2 and its "
-                      "error against this machine: [`figures/perfmodel/`](figures/perfmodel/).", "", END])
+                      "error against this machine: [`figures/perfmodel/`](figures/perfmodel/).", *newcomer, "", END])
 
 
 def current(readme_text: str) -> str | None:

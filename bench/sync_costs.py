@@ -204,7 +204,7 @@ def main() -> None:
                  "processes), links shaped by tbf; not a cluster's timings."),
         "n_params": params, "weight_bytes": n_bytes, "sizes_bytes": sizes, "reps": a.reps,
         "cpu_count": os.cpu_count(), "emulated_skipped": emulated_skipped, "settings": settings,
-        **provenance.sidecar(),
+        **provenance.sidecar(date_utc=provenance.utc_now()),
     }
     results.write_json(a.json, out)
     print(a.json)

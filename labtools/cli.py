@@ -2,19 +2,86 @@
 
     mpiexec -n 2 labtools train --epochs 10              # the paper's np=2 protocol
     mpiexec -n 2 labtools train --np 16 --epochs 10      # np=16 on 2 processes (logical ranks)
-    mpiexec -n 2 labtools train --resume results/default/RUN_ID   # continue a stopped run
-    labtools runs                                        # every run and its status
+    mpiexec -n 2 labtools train --resume RUN_DIR         # continue a stopped run (OUT/EXPERIMENT/RUN_ID)
+    labtools runs                                        # what have I run? newest first
+    labtools data where                                  # the CIFAR-10 folder training would use
+    labtools reproduce --profile quick                   # the notebooks, figures/ and the report
 """
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import traceback
 
 
-def _train(ns) -> int:
+ENV_VERBOSE = "LABTOOLS_VERBOSE"  # "1": TensorFlow's start-up lines shown (inherited by the keeper's child)
+# TensorFlow's start-up lines: absl's notice, its INFO and WARNING lines (oneDNN, the CPU feature guard),
+# the feature guard's second line. ERROR and FATAL lines are never dropped.
+TF_NOISE = re.compile(r"^WARNING: All log messages before absl::InitializeLog\(\) is called are written to STDERR$"
+                      r"|^[IW]\d{4} \d\d:\d\d:\d+\.\d+ +\d+ [\w.-]+:\d+\] "
+                      r"|^To enable the following instructions: .*rebuild TensorFlow with the appropriate compiler")
+QUIET_LOGGERS = ("tensorflow", "absl", "keras")
+QUIET_WARNINGS_FROM = r"(tensorflow|keras|absl|tf_keras|google\.protobuf)(\.|$)"
+
+
+def quiet_tensorflow(verbose: bool = False) -> None:
+    """TensorFlow's start-up noise off (verbose: on), for this process and the ones it starts.
+
+    TF_CPP_MIN_LOG_LEVEL=2 and LABTOOLS_VERBOSE go to the environment (the keeper's training child,
+    notebook kernels and engines inherit it); TensorFlow's Python side is quieted here: the
+    `tensorflow`, `absl` and `keras` loggers at ERROR, warnings raised in their modules ignored.
+    The C++ lines TensorFlow 2.2x prints while it is imported ignore TF_CPP_MIN_LOG_LEVEL (absl
+    prints them before its logging is initialised): import_tensorflow drops them.
+    """
+    if verbose:
+        os.environ[ENV_VERBOSE] = "1"
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "0"
+        return
+    import logging
+    import warnings
+
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", module=QUIET_WARNINGS_FROM)
+
+
+def import_tensorflow():
+    """`import tensorflow`, without its start-up lines unless $LABTOOLS_VERBOSE is 1.
+
+    What the import writes to file descriptor 2 (C++ writes there directly) goes to a temporary file;
+    afterwards every line but TF_NOISE is written to stderr, so an error still shows."""
+    if "tensorflow" in sys.modules or os.environ.get(ENV_VERBOSE) == "1":
+        import tensorflow as tf
+
+        return tf
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with tempfile.TemporaryFile() as tmp:
+            os.dup2(tmp.fileno(), 2)
+            try:
+                import tensorflow as tf
+            finally:
+                sys.stderr.flush()
+                os.dup2(saved, 2)
+                tmp.seek(0)
+                kept = [l for l in tmp.read().decode(errors="replace").splitlines(keepends=True)
+                        if not TF_NOISE.search(l)]
+                if kept:
+                    sys.stderr.write("".join(kept))
+                    sys.stderr.flush()
+    finally:
+        os.close(saved)
+    return tf
+
+
+def _train(ns) -> int:
+    quiet_tensorflow(ns.verbose)
     from . import keeper
 
     if os.environ.get(keeper.ENV_WORKER) != "1" and not ns.no_keeper:
@@ -102,17 +169,26 @@ def _train_config(ns):
 def _runs(ns) -> int:
     from pathlib import Path
 
-    from .record import format_listing, listing, rebuild_scaling_csv
+    from .listing import ListingError, default_out, no_runs, render
 
-    if not os.path.isdir(ns.results):
-        print(f"labtools: error: no results folder {ns.results}", file=sys.stderr)
-        return 2
     if ns.rebuild:
+        from .record import rebuild_scaling_csv
+
+        if not os.path.isdir(ns.results):
+            print(f"labtools: error: no results folder {ns.results}", file=sys.stderr)
+            return 2
         for exp in sorted(Path(ns.results).glob(ns.experiment or "*")):
             if exp.is_dir() and any(exp.glob("*/manifest.json")):
                 print(rebuild_scaling_csv(exp))
         return 0
-    print(format_listing(listing(ns.results, ns.experiment)), end="")
+    try:
+        print(render(ns.results, ns.experiment, show_all=ns.all), end="")
+    except ListingError as e:
+        if ns.results == default_out() and not os.path.exists(ns.results):
+            print(no_runs(ns.results))  # a fresh checkout: nothing run yet is not an error
+            return 0
+        print(f"labtools: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -136,11 +212,12 @@ def _data(ns) -> int:
 
 
 def _reproduce(ns) -> int:
+    quiet_tensorflow(ns.verbose)  # the notebook kernels and their engines inherit the environment
     from .reproduce import ReproduceError, reproduce
 
     try:
         reproduce(profile=ns.profile, notebooks=ns.notebook or None, out=ns.out, results_root=ns.results,
-                  run_missing=not ns.stored_only)
+                  run_missing=not ns.stored_only, verbose=ns.verbose)
     except ReproduceError as e:
         print(f"labtools: reproduce failed: {e}", file=sys.stderr)
         return 1
@@ -164,48 +241,117 @@ def _report(ns) -> int:
     return 0
 
 
+# What an option whose default is None does when it is not given (shown as its "(default: ...)").
+NONE_MEANS = {
+    "cifar_dir": "searched: $CIFAR10_DIR, data/cifar-10-batches-py, ~/.keras/datasets/cifar-10-batches-py",
+    "limit_train": "all 50000", "limit_test": "all 10000", "inject_failure": "none", "resume": "a new run",
+    "experiment": "every experiment", "notebook": "every notebook, in order", "readme": "none",
+}
+
+
+class _Help(argparse.RawDescriptionHelpFormatter):
+    """Descriptions wrapped paragraph by paragraph, indented lines (examples) kept as written; every
+    option that takes a value says its default: help that names it keeps its own words, a None
+    default says what happens (NONE_MEANS), an --x/--no-x pair says which of the two is the default."""
+
+    def _fill_text(self, text, width, indent):
+        import textwrap
+
+        return "\n".join(line if not line.strip() or line[0].isspace() else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
+
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if not action.option_strings or action.default is argparse.SUPPRESS or "%(default)" in h or "default:" in h:
+            return h  # positionals (choices listed), help that says it already
+        if isinstance(action, argparse.BooleanOptionalAction):
+            on, off = action.option_strings[:2]
+            return f"{h} (default: {on if action.default else off})"
+        if action.nargs == 0:
+            return h  # a flag: off unless given
+        if action.default is None or action.default == "":
+            said = NONE_MEANS.get(action.dest, "none")
+            return f"{h} (default: {said.replace('%', '%%')})"
+        return f"{h} (default: %(default)s)"
+
+
+PROFILE_HELP = ("how much of the paper's protocol: smoke (CI: a CIFAR-10 subset, minutes), quick (reduced and "
+                "labelled so), paper (the paper's protocol, three repeats)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import RunConfig
+    from .studies import NOTEBOOKS, PROFILES
 
-    p = _Parser(prog="labtools", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train (run under mpiexec -n P)", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    from .listing import default_out
+
+    out = default_out()
+    p = _Parser(prog="labtools", description=__doc__, formatter_class=_Help)
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND", title="commands")
+    p.commands = sub.choices
+    t = sub.add_parser("train", help="train SqueezeNet on CIFAR-10 (run under mpiexec -n P)", formatter_class=_Help,
+                       description="Train on every MPI process; the run is recorded in OUT/EXPERIMENT/RUN_ID/ "
+                                   "(manifest, epochs.csv, per-rank CSVs, checkpoint, summary).\n\n"
+                                   "  mpiexec -n 2 labtools train --epochs 10            # the paper's np=2 protocol\n"
+                                   "  mpiexec -n 2 labtools train --np 16 --epochs 10    # 16 logical ranks on 2 "
+                                   "processes\n"
+                                   "  mpiexec -n 2 labtools train --resume RUN_DIR       # continue a stopped run")
     RunConfig.add_arguments(t)
     t.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue this interrupted or failed run from its last checkpoint, in the same folder "
                         "(same world N; any P that divides it)")
     t.add_argument("--no-keeper", action="store_true",
                    help="run the work in this process (no watching parent that records a kill -9)")
+    t.add_argument("--verbose", action="store_true",
+                   help="show TensorFlow's start-up log lines and warnings (silenced otherwise)")
     t.set_defaults(fn=_train)
-    u = sub.add_parser("runs", help="list runs with their status (completed, failed, interrupted, running, died)")
-    u.add_argument("--results", default="results", help="results store root")
-    u.add_argument("--experiment", default=None, help="only this experiment")
+    u = sub.add_parser("runs", help="what have I run? every run with its status, newest first", formatter_class=_Help,
+                       description="One line per run folder of the results store, newest first: run id, "
+                                   "experiment, status (completed, failed, interrupted, running, or died: running "
+                                   "but its heartbeat stopped), np (logical ranks N), P (processes), sync strategy, "
+                                   "seed, epochs (done/planned unless completed), test or validation accuracy, "
+                                   "training wall time and how long ago it started.")
+    u.add_argument("--results", default=out, metavar="DIR", help="results store root (where `labtools train` writes)")
+    u.add_argument("--experiment", default=None, metavar="NAME", help="only this experiment")
+    u.add_argument("--all", action="store_true", help="every run (otherwise the 20 newest)")
     u.add_argument("--rebuild", action="store_true", help="rebuild each experiment's scaling_results.csv from its records")
     u.set_defaults(fn=_runs)
-    d = sub.add_parser("data", help="find, verify or download CIFAR-10",
+    d = sub.add_parser("data", help="find, verify or download CIFAR-10", formatter_class=_Help,
                        description="where: print the CIFAR-10 folder labtools would use (--cifar-dir, $CIFAR10_DIR, "
-                                   "data/, ~/.keras/datasets). verify: check the md5 of its seven files. download: "
-                                   "fetch the official archive into --dest, check its sha256 and the files' md5.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    d.add_argument("action", choices=("where", "verify", "download"), help="what to do")
+                                   "data/cifar-10-batches-py, ~/.keras/datasets/cifar-10-batches-py, the first that "
+                                   "holds all seven files). verify: check the md5 of its seven files. download: "
+                                   "fetch the official archive into --dest, check its sha256 and the files' md5.")
+    d.add_argument("action", choices=("where", "verify", "download"), help="what to do: where, verify or download")
     d.add_argument("--cifar-dir", default=None, help="folder holding the cifar-10-batches-py files")
     d.add_argument("--dest", default="data", help="download target folder")
     d.add_argument("--deadline", type=float, default=None,
                    help="seconds the whole download may take (default: $LABTOOLS_DOWNLOAD_DEADLINE or 900)")
     d.set_defaults(fn=_data)
-    from .studies import NOTEBOOKS, PROFILES
-
-    r = sub.add_parser("reproduce", help="re-execute the notebooks with papermill, regenerate figures/ and the report")
-    r.add_argument("--profile", default="quick", choices=PROFILES, help="how much of the paper's protocol to run")
-    r.add_argument("--notebook", action="append", choices=NOTEBOOKS, help="only this notebook (repeatable)")
-    r.add_argument("--out", default="figures", help="where tables, figures and executed notebooks go")
-    r.add_argument("--results", default="results", help="results store root")
+    r = sub.add_parser("reproduce", help="re-execute the notebooks with papermill, regenerate figures/ and the report",
+                       formatter_class=_Help,
+                       description="Execute the notebooks of a profile with papermill: first train the runs the "
+                                   "results store lacks, then write OUT/PROFILE/ (tables as CSV, Markdown and LaTeX; "
+                                   "figures as PNG and PDF, each with a provenance sidecar; the executed notebooks in "
+                                   "executed/) and OUT/PROFILE/REPORT.md and .html. A failing notebook stops it "
+                                   "with the notebook, the cell and the error.\n\n"
+                                   f"notebooks: {', '.join(NOTEBOOKS)}")
+    r.add_argument("--profile", default="quick", choices=PROFILES, help=PROFILE_HELP)
+    r.add_argument("--notebook", action="append", choices=NOTEBOOKS, metavar="NAME",
+                   help=f"only this notebook (repeatable): {', '.join(NOTEBOOKS)}")
+    r.add_argument("--out", default="figures", metavar="DIR", help="where tables, figures and executed notebooks go")
+    r.add_argument("--results", default=out, metavar="DIR", help="results store root (runs are reused from it and added to it)")
     r.add_argument("--stored-only", action="store_true",
                    help="run nothing: tables and figures from the runs already stored, marked partial if some are missing")
+    r.add_argument("--verbose", action="store_true",
+                   help="stream the notebooks' own output, TensorFlow's log lines included")
     r.set_defaults(fn=_reproduce)
-    rp = sub.add_parser("report", help="write FIGURES/PROFILE/REPORT.md and .html from the regenerated tables")
-    rp.add_argument("--profile", default="paper", choices=PROFILES)
-    rp.add_argument("--out", default="figures", help="where the profile's tables and figures are")
+    rp = sub.add_parser("report", help="write OUT/PROFILE/REPORT.md and .html from the regenerated tables",
+                        formatter_class=_Help,
+                        description="Render OUT/PROFILE/REPORT.md and REPORT.html from the tables and figures "
+                                    "`labtools reproduce` wrote; nothing is trained or re-executed.")
+    rp.add_argument("--profile", default="paper", choices=PROFILES, help="which profile's tables: " + ", ".join(PROFILES))
+    rp.add_argument("--out", default="figures", metavar="DIR", help="where the profile's tables and figures are")
     rp.add_argument("--readme", default=None, metavar="README.md",
                     help="also rewrite this README's generated results block from the tables")
     rp.set_defaults(fn=_report)
@@ -226,7 +372,10 @@ class _Parser(argparse.ArgumentParser):
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    ns = build_parser().parse_args(argv)
+    parser = build_parser()
+    ns, extra = parser.parse_known_args(argv)
+    if extra:  # said by the subcommand's parser, so the line names `labtools CMD --help`
+        parser.commands[ns.cmd].error(f"unrecognized arguments: {' '.join(extra)}")
     ns.argv = argv
     return ns.fn(ns)
 

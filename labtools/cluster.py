@@ -19,6 +19,8 @@ pool. ``stop()`` (also leaving ``with``) stops engines and controller, then kill
 from __future__ import annotations
 
 import asyncio
+import atexit
+import json
 import logging
 import os
 import re
@@ -57,9 +59,60 @@ def _whoami():  # on an engine, with this module's globals there
 
 
 def _train(d, resume=None):  # on the engines
-    from labtools.train import run
+    from labtools import train
 
-    return run(RunConfig.from_dict(d), resume=resume)
+    def report(done, total, row):  # to the client's progress bar (Pool.run), through IOPub
+        from ipyparallel.datapub import publish_data
+
+        ev = "val" if "val_acc" in row else "test"
+        publish_data({"epoch": done, "epochs": total, "acc": row[f"{ev}_acc"], "eval_set": ev})
+
+    train.on_epoch = report
+    try:
+        return train.run(RunConfig.from_dict(d), resume=resume)
+    finally:
+        train.on_epoch = None
+
+
+class _EpochBar:
+    """A tqdm.auto bar (a widget in JupyterLab) over a run's epochs, fed by the root engine's reports."""
+
+    def __init__(self, epochs: int, show: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=epochs, desc="training", unit="epoch", disable=not show)
+
+    def poll(self, parts) -> None:
+        data = parts[0].data if parts else {}
+        if data.get("epoch", 0) > self.bar.n:
+            self.bar.update(data["epoch"] - self.bar.n)
+            self.bar.set_postfix_str(f"{data['eval_set']} acc {100 * data['acc']:.1f}%")
+
+    def close(self, parts) -> None:
+        with suppress(Exception):
+            self.poll(parts)
+        self.bar.close()
+
+
+# Pools this process started and has not stopped: a new Pool reuses or replaces them (a notebook cell
+# run twice leaves no orphan engines), and they are stopped when the process exits (a kernel shutdown).
+_RUNNING: list = []
+
+
+@atexit.register
+def _stop_all() -> None:
+    for pool in list(_RUNNING):
+        with suppress(Exception):
+            pool.stop(kill=True)
+
+
+_px = {"stub": False}  # %px points at a stopped pool: the next pool started takes the magics over
+
+
+def _px_stopped(line, cell=None):
+    from IPython.core.error import UsageError
+
+    raise UsageError("%px has no engines: the pool was stopped; pool.start() starts fresh ones (and %px follows them).")
 
 
 # ------------------------------------------------------------------ the pool
@@ -83,6 +136,8 @@ class Pool:
         self.cluster = self.client = self.view = self.cluster_id = self._loop = None
         self.ranks, self.hosts, self.pids, self.last_results = {}, {}, {}, []
         self._ended = threading.Event()  # set by the engine set's stop callback
+        self._key = (self.n, json.dumps(self.profile, sort_keys=True, default=str))
+        self._activated = False  # %px magics point at this pool (activate())
 
     def __repr__(self) -> str:
         return f"<Pool n={self.n} {f'running, ranks {self.ranks}' if self.running else 'stopped'}>"
@@ -107,9 +162,20 @@ class Pool:
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def start(self) -> "Pool":
-        """Start the controller and n MPI engines, connect, and map engine ids to MPI ranks."""
+        """Start the controller and n MPI engines, connect, and map engine ids to MPI ranks.
+
+        One pool per process: a running pool of the same size and profile (a cell run twice) is taken
+        over instead of starting another; any other running pool is stopped first."""
         if self.running:
             return self
+        for other in [p for p in _RUNNING if p is not self]:
+            if other.running and other._key == self._key and not other._dead():
+                self._take_over(other)
+                print(f"labtools: reusing the running pool of {self.n} engines (ranks {sorted(self.ranks.values())}); "
+                      "pool.restart() gives fresh ones.", file=sys.stderr)
+                return self
+            print(f"labtools: stopping the earlier pool of {other.n} engines (one pool per process).", file=sys.stderr)
+            other.stop()
         cls, config, kw = self._launcher
         log = logging.getLogger("labtools.cluster.ipyparallel")
         log.setLevel(logging.ERROR)  # not ipyparallel's per-stop engine log dumps: our errors say what matters
@@ -135,7 +201,26 @@ class Pool:
         self.hosts, self.pids = {r: h for r, _, h, _ in info}, {r: pid for r, _, _, pid in info}
         self.view = self.client[sorted(ids, key=self.ranks.get)]
         self.view.block = True  # as Cluster.start_and_connect(activate=True): %%px waits and shows output
+        _RUNNING.append(self)
+        if self._activated or _px["stub"]:
+            self.activate()
         return self
+
+    def activate(self) -> "Pool":
+        """Point %px / %%px at this pool's engines; after a stop they say so, after a start they follow."""
+        if not self.running:
+            raise PoolError("the pool is not running; call pool.start() first.")
+        self.view.activate()
+        self._activated, _px["stub"] = True, False
+        return self
+
+    def _take_over(self, other: "Pool") -> None:
+        for k in ("cluster", "client", "view", "cluster_id", "_loop", "ranks", "hosts", "pids", "_ended", "_activated"):
+            setattr(self, k, getattr(other, k))
+        other.cluster = other.client = other.view = other.cluster_id = other._loop = None
+        other.ranks, other.hosts, other.pids = {}, {}, {}
+        _RUNNING.remove(other)
+        _RUNNING.append(self)
 
     def stop(self, kill: bool = False) -> None:
         """Stop engines and controller, then kill whatever of this pool's cluster is left.
@@ -143,6 +228,15 @@ class Pool:
         cluster, client = self.cluster, self.client
         self.cluster = self.client = self.view = None
         self.ranks, self.hosts, self.pids = {}, {}, {}
+        if self in _RUNNING:
+            _RUNNING.remove(self)
+        if self._activated:  # %px would otherwise raise ipyparallel's "Client cannot be used after ... closed"
+            with suppress(Exception):
+                from IPython import get_ipython
+
+                for name in ("px", "autopx", "pxresult"):
+                    get_ipython().register_magic_function(_px_stopped, "line_cell", name)
+                _px["stub"] = True
         try:
             if client is not None:
                 client.close(linger=0)
@@ -168,17 +262,25 @@ class Pool:
 
     # -------------------------------------------------------------- tasks
     def run(self, cfg: RunConfig | dict, *, resume=None, timeout: float | None = None, restart_on_death: bool = True,
-            stream: bool = True) -> dict:
+            stream: bool = True, progress: bool = True) -> dict:
         """labtools.train.run(cfg) on every engine; return the root's summary (all ranks: last_results).
-        resume: a stopped run's folder to continue from its checkpoint (cfg is then its recorded one)."""
+        resume: a stopped run's folder to continue from its checkpoint (cfg is then its recorded one).
+        progress: a bar over the epochs with the latest accuracy (a widget in JupyterLab)."""
         d = cfg.to_dict() if isinstance(cfg, RunConfig) else dict(cfg)
         RunConfig.from_dict(d).validate()  # a user error is one sentence here, before any engine works
-        self.last_results = self.apply(_train, d, None if resume is None else str(resume), timeout=timeout,
-                                       restart_on_death=restart_on_death, stream=stream, name="training")
+        if not self.running:
+            raise PoolError("the pool is not running; call pool.start() (or use `with Pool(...) as pool:`).")
+        bar = _EpochBar(d.get("epochs", 10), progress)
+        try:
+            self.last_results = self.apply(_train, d, None if resume is None else str(resume), timeout=timeout,
+                                           restart_on_death=restart_on_death, stream=stream, name="training",
+                                           on_poll=bar.poll)
+        finally:
+            bar.close(getattr(self, "_parts", None))
         return self.last_results[0]
 
     def apply(self, fn, *args, timeout: float | None = None, restart_on_death: bool = True,
-              stream: bool = True, name: str | None = None) -> list:
+              stream: bool = True, name: str | None = None, on_poll=None) -> list:
         """fn(*args) on every engine; the results as a list ordered by MPI rank."""
         name = name or getattr(fn, "__name__", "task")
         if not self.running:
@@ -192,7 +294,8 @@ class Pool:
         CompositeError.tb_limit = 1  # streamed: the first remote traceback in full, later ones one line each
         try:
             with ar.stream_output() if stream else nullcontext():
-                outcome, failed = self._watch(ar, parts, timeout)
+                self._parts = parts
+                outcome, failed = self._watch(ar, parts, timeout, on_poll)
                 ar.wait_for_output(1)
         except KeyboardInterrupt:
             print("Interrupted: stopping the pool (its engines may be waiting in an MPI collective); "
@@ -218,10 +321,13 @@ class Pool:
             raise _failure(name, errors)
         return results
 
-    def _watch(self, ar, parts, timeout):
+    def _watch(self, ar, parts, timeout, on_poll=None):
         """Wait for ar; return (outcome, {rank: error}) with outcome done | died | hang | timeout."""
         t0, first_err = time.monotonic(), None
         while not ar.wait(self.poll):
+            if on_poll is not None:
+                with suppress(Exception):  # a progress display never fails a task
+                    on_poll(parts)
             if self._dead():
                 return "died", {}
             failed = {r: p.exception() for r, p in enumerate(parts) if p.done() and not p.successful()}

@@ -76,7 +76,8 @@ class RunConfig:
     threads: int = _opt(0, "TensorFlow threads per process (0: cores on this host / processes on this host)")
     eval_batch: int = _opt(500, "batch size for test-set evaluation")
     diagnostics: bool = _opt(True, "record dead-ReLU fractions, gradient norms and weight divergence")
-    out: str = _opt("results", "results root folder")
+    out: str = _opt("results/local", "results root folder (results/local is ignored by git; the committed records "
+                   "are under results/)")
     experiment: str = _opt("default", "experiment name: runs go to OUT/EXPERIMENT/RUN_ID/")
     run_id: str | None = _opt(None, "run folder name (default: UTC time, config hash and seed)")
     save_weights: bool = _opt(False, "write the final synchronized weights to RUN_DIR/final_weights.npy")

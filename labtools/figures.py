@@ -3,6 +3,14 @@
 Figures are built as matplotlib.figure.Figure objects, not through pyplot: they render with the Agg
 (PNG) and PDF backends whatever backend a notebook has selected, and they are never kept alive by
 pyplot's figure registry. One rcParams dict (STYLE) applies to all of them via style().
+
+Rules every figure here keeps (tests/test_figures.py checks them):
+- two quantities compared on one plot share one axis in a common unit (never twin axes scaled
+  independently); otherwise they go in separate, separately titled panels;
+- one colour per meaning, from COLORS (and the palettes below it), the same in every panel;
+- every panel has a title;
+- an "epoch" that is not a pass over the training data (the batch-size sweep's fixed step count)
+  says so on the figure.
 """
 from __future__ import annotations
 
@@ -14,7 +22,7 @@ from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
-from matplotlib.ticker import FixedLocator, MaxNLocator, NullLocator, ScalarFormatter
+from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator, ScalarFormatter
 
 from . import paper, results, tables
 
@@ -25,8 +33,28 @@ STYLE = {
     "lines.linewidth": 1.6, "lines.markersize": 6, "errorbar.capsize": 3,
     "pdf.fonttype": 42,  # embed TrueType, so PDF text stays editable/searchable
 }
-OURS = "C0"
-PAPER = "0.35"  # grey: the reference, not a measurement of ours
+# One colour per meaning, used by every figure and panel. Red is kept for "at chance / collapsed" only,
+# so no strategy, variant or series colour is red.
+COLORS = {
+    "ours": "C0",  # a measurement on this machine
+    "paper": "0.35",  # grey: the paper's values, the reference, not a measurement of ours
+    "reference": "0.6",  # light grey: ideal lines, chance level
+    "at_chance": "C3",  # a run at chance (collapsed or not)
+    "collapsed": "C3",  # a run whose test loss collapsed to ln 10
+    "trained": "C0",  # a run that trained
+    "chosen": "C2",  # the candidate the selection rule chose
+    "candidate": "0.75",  # the other candidates
+    "validation_seed": "k",  # one selection seed's validation accuracy
+    "test_seed": "C1",  # one fresh seed's test accuracy
+    "mean": "k",  # the mean over ranks in a per-rank plot
+    "key": "0.4",  # marker-shape keys (np = 1, np = 2): the shape means something, not the colour
+}
+OURS = COLORS["ours"]
+PAPER = COLORS["paper"]
+# Colours for named series (sync strategies, collapse variants): never red (C3), grey (C7) or the
+# figure-specific meanings they are drawn beside (collapse variants skip the outcome colours).
+STRATEGY_PALETTE = ("C0", "C1", "C2", "C4", "C5", "C6", "C8", "C9")
+VARIANT_PALETTE = ("C1", "C2", "C4", "C5", "C6", "C8", "C9")
 RUN_IDS_ATTR = "labtools_run_ids"  # figure attribute save_figure reads for the provenance sidecar
 
 
@@ -64,7 +92,7 @@ def _ours(ax, t2, col, timing, per_run=None, color=OURS):
             ax.scatter(per_run.loc[ok, "np"], per_run.loc[ok, col], s=14, color=color, alpha=0.45, zorder=3,
                        edgecolor="none", label="this machine, each seed")
             if (~ok).any():
-                ax.scatter(per_run.loc[~ok, "np"], per_run.loc[~ok, col], s=22, color="C3", marker="x", zorder=3,
+                ax.scatter(per_run.loc[~ok, "np"], per_run.loc[~ok, col], s=22, color=COLORS["at_chance"], marker="x", zorder=3,
                            label="this machine, a seed at chance")
         return
     cl = t2[t2["wall_time_kind"] == CLUSTER]
@@ -130,7 +158,7 @@ def fig_speedup(table2_df, per_run=None, with_paper=True):
     with style():
         base = table2_df["base_np"].iloc[0]
         xs = sorted(set(ax.xaxis.get_major_locator().locs))
-        ax.plot(xs, [x / base for x in xs], color="0.6", ls="-.", lw=1, label=f"ideal (np / {base})", zorder=0)
+        ax.plot(xs, [x / base for x in xs], color=COLORS["reference"], ls="-.", lw=1, label=f"ideal (np / {base})", zorder=0)
         _legend(ax)
     return fig
 
@@ -141,7 +169,7 @@ def fig_efficiency(table2_df, per_run=None, with_paper=True):
                      "Parallel efficiency vs MPI processes (Figure 9)", timing=True, with_paper=with_paper,
                      per_run=per_run)
     with style():
-        ax.axhline(100, color="0.6", ls="-.", lw=1, zorder=0, label="ideal (100 %)")
+        ax.axhline(100, color=COLORS["reference"], ls="-.", lw=1, zorder=0, label="ideal (100 %)")
         _legend(ax)
     return fig
 
@@ -176,40 +204,93 @@ def fig_test_accuracy(table2_df, per_run=None, with_paper=True):
 
 # ------------------------------------------------------------------ Figures 4-5 and 6-7
 
-def fig_batch_sweep(table1_df, with_paper=True):
-    """Figures 4-5: avg epoch time and global throughput vs batch/node.
+def _sweep_steps(table1_df, steps_per_epoch):
+    """Steps per epoch of our sweep: as given, else the table's attrs, else profiles.SWEEP_STEPS when the
+    data agree with it (avg epoch time / mean step, which counts per-epoch overheads, within 0.9-1.5x),
+    else an estimate. Returns (steps, how it is known: "" or "≈")."""
+    from .profiles import SWEEP_STEPS
 
-    Our values are on the left axis, the paper's (RPi 4) on a right axis of their own: absolute
-    levels differ by machine, so only the shapes (where the optimum lies) are comparable.
+    if steps_per_epoch is None:
+        steps_per_epoch = table1_df.attrs.get("steps_per_epoch")
+    if steps_per_epoch is not None:
+        return int(steps_per_epoch), ""
+    ratio = (table1_df["avg_epoch_s_mean"] / table1_df["mean_step_s_mean"]).median()
+    if ratio == ratio and 0.9 * SWEEP_STEPS <= ratio <= 1.5 * SWEEP_STEPS:
+        return SWEEP_STEPS, ""
+    return (int(round(ratio)), "≈") if ratio == ratio else (None, "")
+
+
+def _epoch_note(steps, approx, paper_steps, with_paper) -> str:
+    """What an 'epoch' is in the fast sweep, for the figure (Table 1's epochs are not passes over the data)."""
+    ours = (f"{approx}{steps} training steps" if steps else "a fixed number of training steps")
+    if approx:
+        ours += " (estimated: avg epoch time / mean step)"
+    text = f"One 'epoch' of this fast sweep = {ours} at every batch size"
+    if with_paper:
+        if steps == paper_steps and not approx:
+            text += f", here and in the paper (its Table 1: avg epoch time / mean step = {paper_steps})"
+        else:
+            text += f"; in the paper {paper_steps} steps (its Table 1: avg epoch time / mean step)"
+    return text + ": steps × global batch images, not a pass over the 50,000 training images."
+
+
+def fig_batch_sweep(table1_df, with_paper=True, steps_per_epoch=None):
+    """Figures 4-5: avg epoch time and global throughput vs batch/node, ours and the paper's.
+
+    Absolute levels differ ~100x between this machine and an RPi 4, and two y axes scaled
+    independently would make any two curves meet at their ends. So each quantity gets one shared
+    axis per row: top, absolute values on a log scale (equal ratios, equal heights); bottom, each
+    series relative to its own value at the smallest batch (%), where the shapes (where the optimum
+    lies) compare directly. ``steps_per_epoch``: the sweep's steps per "epoch" (default: see
+    _sweep_steps), stated on the figure.
     """
     pt = paper.table1()
+    paper_steps = int(round((pt["avg_epoch_s"] / pt["mean_step_s"]).median()))
+    steps, approx = _sweep_steps(table1_df, steps_per_epoch)
+    quantities = [("avg_epoch_s", "avg epoch time", "s", f"Avg epoch time (1 epoch = {approx}{steps} steps)"
+                   if steps else "Avg epoch time (fixed-step epochs)"),
+                  ("global_img_per_s", "global throughput", "img/s", "Global throughput")]
+    xs = sorted(set(table1_df["batch_per_node"]) | (set(pt["batch_per_node"]) if with_paper else set()))
+    groups = list(table1_df.groupby(["world", "processes"]))
+    refs = {int(rows["batch_per_node"].min()) for _, rows in groups} | ({int(pt["batch_per_node"].min())} if with_paper else set())
+    ref = f"batch {refs.pop()}/node" if len(refs) == 1 else "its smallest batch"
     with style():
-        fig, axes = _new(2)
-        for ax, col, what in [(axes[0], "avg_epoch_s", "avg epoch time (s)"),
-                              (axes[1], "global_img_per_s", "global throughput (img/s)")]:
-            for (n, p), rows in table1_df.groupby(["world", "processes"]):
+        fig = Figure(figsize=(11, 8.6), layout="constrained")
+        axes = fig.subplots(2, 2, sharex=True)
+        for j, (col, what, unit, title) in enumerate(quantities):
+            top, rel = axes[0, j], axes[1, j]
+            for (n, p), rows in groups:
+                rows = rows.sort_values("batch_per_node")
                 nr = f"n={rows['n_runs'].min()}" if rows["n_runs"].nunique() == 1 else \
                     f"n={rows['n_runs'].min()}-{rows['n_runs'].max()}"
-                ax.errorbar(rows["batch_per_node"], rows[f"{col}_mean"], yerr=rows[f"{col}_std"], color=OURS,
-                            marker="o", label=f"this machine, N={n}, P={p} (mean ± std, {nr})")
-            ax.set_ylabel(f"this machine: {what}", color=OURS)
-            ax.tick_params(axis="y", colors=OURS)
-            handles, labels = ax.get_legend_handles_labels()
+                label = f"this machine, N={n}, P={p} (mean ± std, {nr})"
+                top.errorbar(rows["batch_per_node"], rows[f"{col}_mean"], yerr=rows[f"{col}_std"], color=OURS,
+                             marker="o", label=label)
+                base = rows[f"{col}_mean"].iloc[0]
+                rel.plot(rows["batch_per_node"], 100 * rows[f"{col}_mean"] / base, color=OURS, marker="o", label=label)
             if with_paper:
-                tw = ax.twinx()
-                tw.spines["right"].set_visible(True)
-                tw.grid(False)
-                tw.plot(pt["batch_per_node"], pt[col], color=PAPER, marker="s", ls="--", mfc="white",
-                        label=paper.PAPER_LABEL)
-                tw.set_ylabel(f"{paper.PAPER_LABEL}: {what}", color=PAPER)
-                tw.tick_params(axis="y", colors=PAPER)
-                h2, l2 = tw.get_legend_handles_labels()
-                handles, labels = handles + h2, labels + l2
-            xs = sorted(set(table1_df["batch_per_node"]) | (set(pt["batch_per_node"]) if with_paper else set()))
-            ax.set_xticks(xs)
-            ax.set_xlabel("batch per node (images)")
-            ax.set_title(what[0].upper() + what[1:] + " vs batch size (Figures 4-5)")
-            _legend(ax, handles, labels)
+                top.plot(pt["batch_per_node"], pt[col], color=PAPER, marker="s", ls="--", mfc="white",
+                         label=paper.PAPER_LABEL)
+                rel.plot(pt["batch_per_node"], 100 * pt[col] / pt[col].iloc[0], color=PAPER, marker="s", ls="--",
+                         mfc="white", label=paper.PAPER_LABEL)
+            top.set_yscale("log")
+            top.yaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+            top.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+            top.yaxis.set_minor_locator(NullLocator())
+            top.set_ylabel(f"{what} ({unit}, log scale)")
+            top.set_title(f"{title}: absolute")
+            rel.axhline(100, color=COLORS["reference"], lw=0.8, ls=":", zorder=0)
+            rel.set_ylabel(f"{what}, % of the same machine's\nvalue at {ref}")
+            rel.set_title(f"{title}: relative to {ref} (means)")
+            rel.set_xlabel("batch per node (images)")
+            rel.set_xticks(xs)
+        handles, labels = axes[0, 0].get_legend_handles_labels()
+        order = sorted(range(len(labels)), key=lambda i: labels[i] == paper.PAPER_LABEL)  # ours first
+        handles, labels = [handles[i] for i in order], [labels[i] for i in order]
+        fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 2), frameon=False)
+        fig.suptitle("Batch-size sweep (the paper's Figures 4-5, Table 1): this machine and the paper on shared axes\n"
+                     + textwrap.fill(_epoch_note(steps, approx, paper_steps, with_paper), 130),
+                     fontsize=STYLE["axes.titlesize"])
     return _tag(fig, table1_df)
 
 
@@ -230,7 +311,7 @@ def fig_rank_epoch_log(rank_epochs_df, np, run_id=None):
             for c, r in zip(colors, ranks):
                 d = rank_epochs_df[rank_epochs_df["rank"] == r].sort_values("epoch")
                 ax.plot(d["epoch"], d[col] * scale, color=c, lw=1, marker=".", label=f"rank {r}")
-            ax.plot(mean.index, mean[col] * scale, color="k", lw=2.2, label="mean over ranks")
+            ax.plot(mean.index, mean[col] * scale, color=COLORS["mean"], lw=2.2, label="mean over ranks")
             ax.set_xlabel("epoch")
             ax.set_ylabel(ylabel)
             ax.xaxis.set_major_locator(FixedLocator(sorted(rank_epochs_df["epoch"].unique())))
@@ -282,7 +363,7 @@ def fig_strategy_accuracy(strategy_df, with_paper=True):
             n = rows["n_runs"].max()
             ax.errorbar(rows["np"], rows["test_acc_pct_mean"], yerr=rows["test_acc_pct_std"], marker="o",
                         color=_color(sync), label=f"{sync} (this machine, mean ± std, n≤{n})")
-        ax.axhline(10, color="0.6", lw=0.8, ls=":")
+        ax.axhline(10, color=COLORS["reference"], lw=0.8, ls=":", label="chance (10%)")
         _np_axis(ax, strategy_df, with_paper)
         ax.set_ylabel("test accuracy after the last epoch (%)")
         ax.set_title("Test accuracy vs np by sync strategy")
@@ -298,8 +379,9 @@ def _order(name) -> int:
 
 
 def _color(name) -> str:
-    """One colour per named strategy in every figure (the order of profiles.STRATEGIES)."""
-    return f"C{_order(name) % 10}"
+    """One colour per named strategy in every figure (the order of profiles.STRATEGIES), never red:
+    red means a run at chance (COLORS)."""
+    return STRATEGY_PALETTE[_order(name) % len(STRATEGY_PALETTE)]
 
 
 def _in_strategy_order(items):
@@ -322,7 +404,7 @@ def fig_accuracy_vs_epoch(curves, np_):
             for j, ep in enumerate(eps):
                 ax.plot(ep["epoch"], 100 * ep["test_acc"], marker="o", color=_color(sync), alpha=0.85,
                         label=sync if j == 0 else None)
-        ax.axhline(10, color="0.6", lw=0.8, ls=":", label="chance (10%)")
+        ax.axhline(10, color=COLORS["reference"], lw=0.8, ls=":", label="chance (10%)")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel("test accuracy (%)")
@@ -334,39 +416,55 @@ def fig_accuracy_vs_epoch(curves, np_):
 
 def fig_diagnostics(curves, np_):
     """Why runs collapse or not: dead conv10 channels, weight divergence before averaging, gradient norm."""
-    cols = [("dead_conv10_frac", "dead conv10 channels (fraction)"),
-            ("weight_divergence", "rank weight divergence before averaging\n(mean ‖w_r − w̄‖ / ‖w̄‖)"),
-            ("grad_norm", "mean gradient norm")]
+    cols = [("dead_conv10_frac", "dead conv10 channels (fraction)", "Dead conv10 channels"),
+            ("weight_divergence", "rank weight divergence before averaging\n(mean ‖w_r − w̄‖ / ‖w̄‖)",
+             "Weight divergence before averaging"),
+            ("grad_norm", "mean gradient norm", "Mean gradient norm")]
     with style():
         fig, axes = _new(ncols=3, width=13)
         for sync, eps in _in_strategy_order(_curves(curves).items()):
             for j, ep in enumerate(eps):
-                for ax, (c, _) in zip(axes, cols):
+                for ax, (c, _, _) in zip(axes, cols):
                     if c in ep:
                         ax.plot(ep["epoch"], ep[c], marker="o", color=_color(sync), alpha=0.85,
                                 label=sync if j == 0 else None)
-        for ax, (_, label) in zip(axes, cols):
+        for ax, (_, label, title) in zip(axes, cols):
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch")
             ax.set_ylabel(label)
-        axes[0].set_title(f"Diagnostics at np = {np_}")
+            ax.set_title(f"{title} per epoch")
+        fig.suptitle(f"Diagnostics at np = {np_}: one line per seed, coloured by sync strategy",
+                     fontsize=STYLE["axes.titlesize"])
         _legend(axes[1])
     setattr(fig, RUN_IDS_ATTR, sorted(curves))
     return fig
+
+
+def _variant_colors(variants) -> dict:
+    """One colour per collapse variant (the order of profiles.COLLAPSE_VARIANTS), never an outcome colour."""
+    from .profiles import COLLAPSE_VARIANTS
+
+    known = list(COLLAPSE_VARIANTS)
+    order = sorted(variants, key=lambda v: (known.index(v) if v in known else len(known), str(v)))
+    return {v: VARIANT_PALETTE[i % len(VARIANT_PALETTE)] for i, v in enumerate(order)}
 
 
 def fig_collapse_runs(runs_df, variant_of):
     """The collapse run by run: dead conv10 channels and dead ReLU channels below conv10 from
     initialisation (epoch 0) to the end (without the final ReLU, a collapse shows in the layers
     below), and final test accuracy against the conv10 fraction dead at initialisation.
-    ``variant_of(row)`` names a run's option set. Records made before the init probe lack epoch 0."""
+    ``variant_of(row)`` names a run's option set. Records made before the init probe lack epoch 0.
+
+    Colours: red = collapsed and blue = trained in every panel (in the third, a red ring marks a
+    collapsed run); the option sets have colours of their own, neither red nor blue."""
+    outcome = {True: ("collapsed (test loss ln 10)", COLORS["collapsed"]), False: ("trained", COLORS["trained"])}
     with style():
         fig, (a0, ab, a1) = _new(ncols=3, width=15)
-        variants = sorted({variant_of(r) for r in runs_df.itertuples()})
-        colors = {v: f"C{i}" for i, v in enumerate(variants)}
+        variants = list(_variant_colors({variant_of(r) for r in runs_df.itertuples()}))
+        colors = _variant_colors(variants)
         for r in runs_df.sort_values("run_id").itertuples():
             ep = results.load_epochs(r.run_dir)
-            c = "C3" if r.collapsed else "C0"
+            c = outcome[bool(r.collapsed)][1]
             for ax, col in ((a0, "dead_conv10_frac"), (ab, "dead_relu_frac")):
                 x, y = list(ep["epoch"]), list(ep[col])
                 start = getattr(r, f"init_{col}", float("nan"))
@@ -374,26 +472,32 @@ def fig_collapse_runs(runs_df, variant_of):
                     x, y = [0] + x, [start] + y
                 ax.plot(x, y, color=c, alpha=0.6, marker="o", ms=3)
             # fractions come in steps of 0.1: offset each variant a little so equal points stay visible
-            dx = 0.012 * (variants.index(variant_of(r)) - (len(variants) - 1) / 2)
-            a1.scatter(getattr(r, "init_dead_conv10_frac", float("nan")) + dx, 100 * r.test_acc, color=colors[variant_of(r)],
-                       marker="o" if r.world == 1 else "s", alpha=0.8, edgecolor="none")
-        a0.plot([], [], color="C3", label="collapsed (test loss ln 10)")
-        a0.plot([], [], color="C0", label="trained")
+            v = variant_of(r)
+            dx = 0.012 * (variants.index(v) - (len(variants) - 1) / 2)
+            a1.scatter(getattr(r, "init_dead_conv10_frac", float("nan")) + dx, 100 * r.test_acc, color=colors[v],
+                       marker="o" if r.world == 1 else "s", s=44, alpha=0.85, zorder=3,
+                       edgecolor=COLORS["collapsed"] if r.collapsed else "none", linewidths=0.9 if r.collapsed else 0)
         for ax in (a0, ab):
+            for collapsed in (True, False):
+                label, c = outcome[collapsed]
+                ax.plot([], [], color=c, label=label)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch (0 = initialisation)")
             ax.set_ylim(-0.03, 1.03)
         a0.set_ylabel("dead conv10 channels (fraction of 10, probe batch)")
         a0.set_title("Dead conv10 channels per epoch, one line per run")
         ab.set_ylabel("dead ReLU channels below conv10 (fraction)")
-        ab.set_title("... and in the layers below")
+        ab.set_title("Dead ReLU channels below conv10 per epoch, one line per run")
         _legend(a0)
         for v in variants:
-            a1.scatter([], [], color=colors[v], label=v)
+            a1.scatter([], [], color=colors[v], label=str(v))
         for n, m in ((1, "o"), (2, "s")):
             if (runs_df.world == n).any():
-                a1.scatter([], [], color="0.4", marker=m, label=f"np = {n}")
-        a1.axhline(10, color="0.6", lw=0.8, ls=":")
+                a1.scatter([], [], color=COLORS["key"], marker=m, label=f"np = {n}")
+        if runs_df.collapsed.astype(bool).any():
+            a1.scatter([], [], facecolor="none", edgecolor=COLORS["collapsed"], linewidths=0.9, s=44,
+                       label=outcome[True][0])
+        a1.axhline(10, color=COLORS["reference"], lw=0.8, ls=":", label="chance (10%)")
         a1.set_xlim(-0.06, 1.06)
         a1.set_xlabel("dead conv10 channels at initialisation (fraction)")
         a1.set_ylabel("test accuracy after the last epoch (%)")
@@ -413,18 +517,23 @@ def fig_selection(val_df, test_df=None, np_=48):
         fig, (ax,) = _new(width=8)
         names = list(val_df["candidate"])
         ys = range(len(names))
-        ax.barh(list(ys), val_df["val_acc_pct_mean"], color=["C2" if c else "0.75" for c in val_df["chosen"]],
-                label="validation accuracy, mean over selection seeds (green: chosen by the rule)")
+        chosen = val_df["chosen"].astype(bool).tolist()
+        for is_chosen, key, label in ((True, "chosen", "validation accuracy, mean over selection seeds: chosen by the rule"),
+                                      (False, "candidate", "validation accuracy, mean over selection seeds: other candidates")):
+            rows = [i for i in ys if chosen[i] == is_chosen]
+            if rows:
+                ax.barh(rows, val_df["val_acc_pct_mean"].iloc[rows], color=COLORS[key], label=label)
         for c in seed_cols:
-            ax.scatter(val_df[c], list(ys), color="k", s=14, zorder=3)
-        ax.scatter([], [], color="k", s=14, label="each selection seed (validation)")
+            ax.scatter(val_df[c], list(ys), color=COLORS["validation_seed"], s=14, zorder=3)
+        ax.scatter([], [], color=COLORS["validation_seed"], s=14, label="each selection seed (validation)")
         if test_df is not None and len(test_df):
             t_cols = sorted(c for c in test_df.columns if c.startswith("test_acc_pct_seed"))
             y = names.index(test_df["candidate"].iloc[0])
             for c in t_cols:
-                ax.scatter(test_df[c], [y - 0.3], color="C3", marker="D", s=22, zorder=4)
-            ax.scatter([], [], color="C3", marker="D", s=22, label="the chosen one: each fresh seed on the test set")
-        ax.axvline(10, color="0.6", lw=0.8, ls=":")
+                ax.scatter(test_df[c], [y - 0.3], color=COLORS["test_seed"], marker="D", s=22, zorder=4)
+            ax.scatter([], [], color=COLORS["test_seed"], marker="D", s=22,
+                       label="the chosen one: each fresh seed on the test set")
+        ax.axvline(10, color=COLORS["reference"], lw=0.8, ls=":", label="chance (10%)")
         ax.set_yticks(list(ys), [textwrap.fill(n, 38) for n in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("accuracy after the last epoch (%)")

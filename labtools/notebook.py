@@ -27,7 +27,8 @@ class Context:
         self.profile, self.notebook, self.runner_kind = profile, notebook, runner
         self.params = dict(params or {})
         self.out_dir = Path(out_dir) if out_dir else root / "figures" / profile
-        self.results_root = Path(results_root) if results_root else root / "results"
+        # default: the local store `make main` computes into (ignored by git); committed records: ../results
+        self.results_root = Path(results_root) if results_root else root / "results" / "local"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.reduced = profile != "paper"
 
@@ -37,8 +38,11 @@ class Context:
     def base_config(self, experiment: str, **kw) -> RunConfig:
         """The paper's protocol with this profile's reductions and this notebook's results folder."""
         p = self.params
+        # checkpoint=False in a profile of short runs: a checkpoint per epoch (every logical rank's weights
+        # and Adam state: 420 MB at np = 48) costs more than redoing a run of seconds
         base = dict(epochs=p.get("epochs", 10), limit_train=p.get("limit_train"), limit_test=p.get("limit_test"),
-                    out=str(self.results_root), experiment=self.experiment(experiment), label=self.profile)
+                    out=str(self.results_root), experiment=self.experiment(experiment), label=self.profile,
+                    checkpoint=p.get("checkpoint", True))
         base.update(kw)
         return RunConfig(**base).validate()
 

@@ -1,4 +1,8 @@
-"""Facts that make a number traceable: git commit, package versions, host, UTC time."""
+"""Facts that make a number traceable: git commit, package versions, host (and, for measurements, UTC time).
+
+A table's or figure's sidecar names the identity of its inputs only (the code's commit, the versions,
+the host, the run ids), never the time it was drawn: re-rendering unchanged inputs writes the same bytes.
+"""
 from __future__ import annotations
 
 import datetime as _dt
@@ -56,6 +60,19 @@ def git_commit() -> str | None:
         return None
 
 
+def code_commit() -> str | None:
+    """The last commit that changed the code (labtools/, notebooks/, pyproject.toml), '+dirty' when it has
+    uncommitted changes: unlike HEAD, it stays put across commits of results, figures and prose."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "log", "-1", "--format=%H", "--", ":/labtools", ":/notebooks", ":/pyproject.toml"],
+                             cwd=here, capture_output=True, text=True, timeout=10).stdout.strip()
+        head = git_commit()
+        return (sha or None) and sha + ("+dirty" if head and head.endswith("+dirty") else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
 def versions() -> dict:
     out = {"python": platform.python_version()}
     for p in PACKAGES:
@@ -71,5 +88,6 @@ def host() -> dict:
 
 
 def sidecar(**extra) -> dict:
-    """The provenance block written next to every table and figure."""
-    return {"git_commit": git_commit(), "versions": versions(), "host": host(), "date_utc": utc_now(), **extra}
+    """The provenance block written next to every table and figure: no clock time, so it changes only
+    when an input does (a benchmark, which is a measurement, adds its own date_utc)."""
+    return {"git_commit": code_commit(), "versions": versions(), "host": host(), **extra}

@@ -40,7 +40,9 @@ def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
 
 
 def _set_threads(n: int) -> None:
-    import tensorflow as tf
+    from .cli import import_tensorflow  # the first import of TensorFlow here: without its start-up lines
+
+    tf = import_tensorflow()
 
     try:
         tf.config.threading.set_intra_op_parallelism_threads(n)
@@ -89,6 +91,11 @@ def _recorded(run_dir, key):
         return RunRecord.open(run_dir).manifest.get(key)
     except (RecordError, OSError, ValueError):
         return None  # reported properly when the record is opened
+
+
+# Called on the root after every epoch with (epochs done, epochs, the epoch's record row): how an
+# ipyparallel engine reports progress to the notebook's bar (labtools.cluster); None elsewhere.
+on_epoch = None
 
 
 def _say(cfg: RunConfig, line: str) -> None:
@@ -152,7 +159,7 @@ def _train_epoch(cfg, comm, w, strategy, epoch, mon) -> tuple[dict, dict, float]
             "peak_uss_mb": mem["peak_uss_mb"],
         }
         _say(cfg, f"[Rank {r}] Epoch {epoch + 1}/{cfg.epochs} loss={rows[r]['train_loss']:.4f} "
-                  f"acc={rows[r]['train_acc']:.4f} time={st.seconds:.2f}s")
+                  f"acc={100 * rows[r]['train_acc']:.2f}% time={st.seconds:.2f}s")
     return rows, info, t_train
 
 
@@ -184,8 +191,8 @@ def _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train, mon) -> tuple[dict
         "lr": w._lr_now, "collapsed": is_collapsed(loss),
         "at_chance": is_at_chance(acc, diag.get("dead_conv10_frac"), loss), **diag,
     }
-    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={acc:.4f} {eset}_loss={loss:.4f} wall={slow:.2f}s"
-              + (f" dead_conv10={diag['dead_conv10_frac']:.2f}" if diag else ""))
+    _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={100 * acc:.2f}% {eset}_loss={loss:.4f} wall={slow:.2f}s"
+              + (f" dead_conv10={100 * diag['dead_conv10_frac']:.0f}%" if diag else ""))
     return er, flat
 
 
@@ -297,6 +304,8 @@ def _run(cfg: RunConfig, comm: Comm, resume, world: int, threads: int, w, strate
                 train_wall += t_train
                 er, flat = _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train, mon)
                 progress["epochs_done"] = epoch + 1
+                if on_epoch is not None and comm.is_root:
+                    on_epoch(epoch + 1, cfg.epochs, er)
                 states = comm.gather(w.local_states()) if cfg.checkpoint else None
                 comm.phase(_end_epoch, comm, rec, er, flat, states,
                            {**progress, "wall_s": progress["wall_s"] + comm.max(train_wall)})

@@ -12,13 +12,17 @@
 # # 00 · Quickstart: an MPI engine pool and one short training run
 #
 # Starts two ipyparallel engines that are the two ranks of one MPI job, shows them with `%%px`,
-# trains SqueezeNet v1.1 on CIFAR-10 for one short epoch with the paper's settings (batch 24 per node,
-# 2 ranks per node, Adam 5e-4), plots each rank's log and stops the pool.
+# trains SqueezeNet v1.1 on a CIFAR-10 subset (batch 24 per node, 2 ranks per node) with the
+# configuration notebook 04 recommends (synchronous SGD, sqrt-scaled Adam lr with warmup and cosine
+# decay) for a short run, plots each rank's log and stops the pool.
+#
+# Every cell can be run again: a second `Pool(n=2).start()` reuses the running engines, a second
+# training run starts a new run folder, and a kernel shutdown or restart stops the engines.
 
 # %% tags=["parameters"]
 profile = "quick"      # smoke | quick | paper (each study says what they mean: labtools/studies/)
 out_dir = None         # tables and figures go here (default: figures/<profile>)
-results_root = None    # the results store (default: results/)
+results_root = None    # the results store (default: results/local/; "../results": the committed records)
 runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
 run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)
 
@@ -30,9 +34,9 @@ from labtools.cluster import Pool
 from labtools.studies import QuickstartStudy
 
 study = QuickstartStudy(profile, out_dir, results_root, runner, run_missing)
-pool = Pool(n=2).start()
-pool.view.activate()   # enables %%px on the engines
-pool.ranks             # engine id -> MPI rank
+pool = Pool(n=2).start()   # run again: reuses the running pool
+pool.activate()            # %%px runs on the engines
+pool.ranks                 # engine id -> MPI rank
 
 # %%
 # %%px
@@ -40,11 +44,14 @@ from mpi4py import MPI
 print(f"MPI rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()} on {MPI.Get_processor_name()}")
 
 # %%
-summary = pool.run(study.run_config())   # labtools.train.run on both engines; their log lines stream here
-pool.stop()
-{k: summary[k] for k in ("world", "processes", "test_acc", "test_loss", "global_wall_s")}
+# labtools.train.run on both engines: a bar over the epochs, and each rank's log lines as they come
+summary = pool.run(study.run_config())
+display(study.summary_frame(summary))
 
 # %%
 figures = study.figures(summary, {})
 _ = study.publish({}, figures)
 display(Markdown(study.interpret(summary, {})))
+
+# %%
+pool.stop()   # the engines end here (a kernel shutdown or restart stops them too)

@@ -21,7 +21,7 @@
 # %% tags=["parameters"]
 profile = "quick"      # smoke | quick | paper (each study says what they mean: labtools/studies/)
 out_dir = None         # tables and figures go here (default: figures/<profile>)
-results_root = None    # the results store (default: results/)
+results_root = None    # the results store (default: results/local/; "../results": the committed records)
 runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
 run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)
 

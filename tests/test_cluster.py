@@ -179,3 +179,54 @@ def test_slurm_profile_becomes_the_slurm_launchers_settings(tmp_path):
         assert f"#SBATCH {want}" in lines, lines
     assert lines[-1] == f"{BIN / 'mpiexec'} -bind-to core {sys.executable} -m ipyparallel.engine --mpi", lines
     assert Path(es.batch_file).parent == tmp_path / "log"  # next to the job's output, not in the cwd
+
+
+# ------------------------------------------------------------------ notebook cells run twice
+@pytest.mark.timeout(240)
+def test_a_second_pool_reuses_the_running_one_and_another_size_replaces_it(capsys):
+    first = Pool(n=2).start()
+    cid = first.cluster_id
+    try:
+        second = Pool(n=2).start()  # the Pool cell run again
+        assert second.cluster_id == cid and not first.running and second.apply(_rank) == [0, 1]
+        assert "reusing the running pool of 2 engines" in capsys.readouterr().err
+        first.stop()  # the old name no longer owns the engines: stopping it must not touch them
+        assert second.apply(_rank) == [0, 1]
+        third = Pool(n=3).start()
+        assert not second.running and leftovers(cid, descendants=False) == []  # replaced: nothing left of it
+        assert "stopping the earlier pool of 2 engines" in capsys.readouterr().err
+        assert third.apply(_rank) == [0, 1, 2]
+    finally:
+        for p in (first, locals().get("second"), locals().get("third")):
+            if p is not None:
+                p.stop()
+    assert leftovers(third.cluster_id) == []
+
+
+@pytest.mark.timeout(240)
+def test_px_after_stop_is_one_sentence_and_process_exit_leaves_no_engines(tmp_path):
+    """A kernel's life in a subprocess: %%px on the pool, stop, %%px again, a new pool, exit without stop."""
+    import subprocess
+
+    script = tmp_path / "kernel.py"
+    script.write_text(
+        "from IPython.core.interactiveshell import InteractiveShell\n"
+        "from labtools.cluster import Pool\n"
+        "ip = InteractiveShell.instance()\n"
+        "pool = Pool(n=2).start(); pool.activate()\n"
+        "ip.run_cell('%%px\\nfrom mpi4py import MPI\\nprint(\"rank\", MPI.COMM_WORLD.Get_rank())')\n"
+        "pool.stop()\n"
+        "r = ip.run_cell('%%px\\nprint(1)')\n"
+        "print('ERROR_IN_EXEC', type(r.error_in_exec).__name__)\n"
+        "pool = Pool(n=2).start()\n"
+        "print('CLUSTER', pool.cluster_id, flush=True)\n"
+        "ip.run_cell('%%px\\nprint(\"again\")')\n")  # activated before: %%px follows the new engines
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent) + os.pathsep + os.environ.get("PATH", "")}
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=200, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "rank 0" in out and "rank 1" in out and "again" in out
+    assert "ERROR_IN_EXEC UsageError" in out
+    assert "%px has no engines: the pool was stopped" in out and "Client cannot be used" not in out
+    cid = out.split("CLUSTER ")[1].split()[0]
+    assert leftovers(cid, descendants=False) == []  # the process exited without stop(): atexit stopped them

@@ -31,6 +31,10 @@ class Study:
     def plan(self) -> list:
         raise NotImplementedError
 
+    def planned(self) -> list:
+        """Every run the study may need (for a progress estimate before it starts): plan() by default."""
+        return self.plan()
+
     def collect(self):
         """Run what the store lacks (unless run_missing=False) and return the planned runs' records."""
         return self.ctx.ensure(self.plan(), self.notebook)

@@ -49,7 +49,8 @@ class BatchSweepStudy(Study):
 
         if "table1_batch_sweep" not in tabs:
             return {}
-        return {"fig04_05_batch_sweep": figures.fig_batch_sweep(tabs["table1_batch_sweep"])}
+        return {"fig04_05_batch_sweep": figures.fig_batch_sweep(tabs["table1_batch_sweep"],
+                                                                steps_per_epoch=self.p["steps_per_epoch"])}
 
     def interpret(self, runs, tabs: dict) -> str:
         if "table1_batch_sweep" not in tabs:

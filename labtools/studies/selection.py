@@ -40,8 +40,8 @@ class SelectionStudy(Study):
     PARAMS = {
         "smoke": dict(np=4, candidates=["epoch-average (paper)", ALL[-1]], select_seeds=[0], test_seeds=[1], epochs=1,
                       limit_train=480, val_split=96, limit_test=200, max_processes=2),
-        "quick": dict(np=48, candidates=ALL, select_seeds=[0], test_seeds=[1], epochs=3, limit_train=10_000,
-                      val_split=2000, limit_test=2000, max_processes=2),
+        "quick": dict(np=48, candidates=ALL, select_seeds=[0], test_seeds=[1], epochs=2, limit_train=8000,
+                      val_split=1600, limit_test=1000, max_processes=2, checkpoint=False),
         "paper": dict(np=48, candidates=ALL, select_seeds=[0, 1, 2], test_seeds=[3, 4, 5], epochs=10,
                       limit_train=None, val_split=5000, limit_test=None, max_processes=2),
     }
@@ -61,6 +61,14 @@ class SelectionStudy(Study):
         if overlap:
             raise ValueError(f"test seeds {sorted(overlap)} were used for selection; report on fresh seeds")
         return [self._planned(winner, s, 0) for s in self.p["test_seeds"]]
+
+    def planned(self) -> list[Planned]:
+        """The selection runs and, as an estimate, the test runs of the recommended candidate (the real
+        winner is known only after the selection runs)."""
+        from ..profiles import RECOMMENDED
+
+        guess = RECOMMENDED if RECOMMENDED in self.p["candidates"] else self.p["candidates"][0]
+        return self.plan() + self.test_plan(guess)
 
     def collect(self):
         """(selection runs, winner, test runs): the test runs are planned only after the choice."""

@@ -20,7 +20,8 @@ class StrongScalingStudy(Study):
     # max_processes None: as many as this host has cores (a cluster profile may allow more).
     PARAMS = {
         "smoke": dict(nps=[2, 4], epochs=2, limit_train=480, limit_test=200, seeds=[0], max_processes=2),
-        "quick": dict(nps=PAPER_NPS, epochs=3, limit_train=10_000, limit_test=2000, seeds=[0], max_processes=None),
+        "quick": dict(nps=PAPER_NPS, epochs=2, limit_train=8000, limit_test=1000, seeds=[0], max_processes=None,
+                      checkpoint=False),
         "paper": dict(nps=PAPER_NPS, epochs=10, limit_train=None, limit_test=None, seeds=[0, 1, 2], max_processes=None),
     }
 

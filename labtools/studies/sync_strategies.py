@@ -34,9 +34,9 @@ class SyncStrategiesStudy(Study):
         "smoke": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_variants=["caffe", "unit"], nps=[2, 4],
                       strategies=[PAPER_SYNC, TUNED_ALLREDUCE], seeds=[0], epochs=2, limit_train=480, limit_test=200,
                       max_processes=2),
-        "quick": dict(collapse_nps=[1, 2], collapse_seeds=[0], collapse_variants=list(COLLAPSE_VARIANTS),
-                      nps=[2, 8, 48], strategies=[PAPER_SYNC, "allreduce", TUNED_ALLREDUCE], seeds=[0], epochs=3,
-                      limit_train=10_000, limit_test=2000, max_processes=2),
+        "quick": dict(collapse_nps=[2], collapse_seeds=[0], collapse_variants=list(COLLAPSE_VARIANTS),
+                      nps=[2, 8, 48], strategies=[PAPER_SYNC, "allreduce", TUNED_ALLREDUCE], seeds=[0], epochs=2,
+                      limit_train=8000, limit_test=1000, max_processes=2, checkpoint=False),
         "paper": dict(collapse_nps=[1, 2], collapse_seeds=[0, 1, 2, 3, 4], collapse_variants=list(COLLAPSE_VARIANTS),
                       nps=PAPER_NPS, strategies=list(STRATEGIES), seeds=[0, 1, 2], epochs=10, limit_train=None,
                       limit_test=None, max_processes=2),
@@ -52,6 +52,9 @@ class SyncStrategiesStudy(Study):
         p = self.p
         return [Planned(self.config("sync", np=n, seed=s, **STRATEGIES[k]), processes_for(n, p["max_processes"]))
                 for k in p["strategies"] for n in p["nps"] for s in p["seeds"]]
+
+    def planned(self) -> list[Planned]:
+        return self.collapse_plan() + self.plan()
 
     def collect(self):
         """(collapse runs, strategy runs), each with the columns the tables need."""

@@ -1,0 +1,84 @@
+"""The newcomer's path, timed: a fresh clone, `make main` twice, `make figures`, and `git status` after each.
+
+    python bench/newcomer.py [--keep]
+
+Clones this repository's HEAD into a temporary folder beside it, then runs there, in order:
+  1. `make main`   (creates .venv, installs, computes the quick profile into an empty results/local/,
+                    executes the notebooks): its time, runs computed vs reused, its terminal lines
+  2. `make main`   again: its time, runs computed (0 expected) and whether `git status` is clean
+  3. `make figures`: re-renders figures/paper from the committed records; `git status` must stay clean
+Writes bench/results/newcomer.json. The data comes from CIFAR10_DIR (this machine is offline). pip's
+cache is whatever this machine has: the JSON says so, a truly cold install downloads ~600 MB more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from labtools import provenance  # noqa: E402
+
+
+def _run(cmd: list[str], cwd: Path, log: Path) -> dict:
+    t0 = time.monotonic()
+    with log.open("w") as f:
+        rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "CI": ""}).returncode
+    text = log.read_text(errors="replace")
+    m = re.search(r"(\d+) runs to compute", text)
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True).stdout
+    return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
+            "runs_computed": int(m.group(1)) if m else None,
+            "runs_started_lines": text.count("[run] started"), "runs_finished_lines": text.count("[run] finished"),
+            "git_status_lines": [ln for ln in status.splitlines() if ln.strip()],
+            "terminal_lines": len(text.splitlines()), "log_tail": text.splitlines()[-6:]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--keep", action="store_true", help="keep the clone (its path is printed)")
+    a = ap.parse_args(argv)
+    if not os.environ.get("CIFAR10_DIR"):
+        print("bench/newcomer.py: set CIFAR10_DIR to a CIFAR-10 copy (this benchmark does not download it)",
+              file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="newcomer-", dir=ROOT.parent))
+    clone = work / "labtools"
+    out = {"commit": provenance.git_commit(), "clone": "a fresh `git clone` of HEAD beside this checkout",
+           "pip_cache": "warm (this machine's pip cache)", "steps": {}}
+    try:
+        t0 = time.monotonic()
+        subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+        out["clone_s"] = round(time.monotonic() - t0, 1)
+        for name, cmd in (("make_main_1", ["make", "main"]), ("make_main_2", ["make", "main"]),
+                          ("make_figures", ["make", "figures"])):
+            print(f"[newcomer] {name}: {' '.join(cmd)}", flush=True)
+            r = out["steps"][name] = _run(cmd, clone, work / f"{name}.log")
+            print(f"[newcomer] {name}: rc {r['rc']} in {r['seconds']} s, runs computed {r['runs_computed']}, "
+                  f"git status {len(r['git_status_lines'])} lines", flush=True)
+            if r["rc"]:
+                break
+        out["total_s"] = round(time.monotonic() - t0, 1)
+    finally:
+        if a.keep:
+            print(f"[newcomer] clone kept: {clone}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+    out.update(provenance.sidecar(date_utc=provenance.utc_now()))
+    res = ROOT / "bench" / "results" / "newcomer.json"
+    res.write_text(json.dumps(out, indent=1) + "\n")
+    print(f"[newcomer] -> {res.relative_to(ROOT)}")
+    return 0 if all(s["rc"] == 0 for s in out["steps"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

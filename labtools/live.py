@@ -1,0 +1,109 @@
+"""A live terminal view of a long reproduction: one line per run started and finished, an overall bar.
+
+The notebooks run inside papermill's kernels, where progress bars are widgets nobody sees in a
+terminal. What the terminal can see is the results store: every run writes its folder (manifest
+first, summary and `completed` last; labtools.record). ``StoreWatcher`` polls the store from a
+thread and prints what appears, and a tqdm bar weighted by each planned run's work gives the time
+left.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+from . import results
+
+
+def work(cfg) -> float:
+    """A planned run's cost in image-passes (training epochs x images plus evaluations): a weight for
+    the time-left estimate, not a prediction."""
+    train = cfg.limit_train or 50_000
+    test = cfg.limit_test or 10_000
+    return cfg.epochs * (train + test)
+
+
+def describe(cfg: dict) -> str:
+    """np, strategy and seed of a run, as a researcher names it."""
+    from .profiles import STRATEGIES, strategy_of
+
+    strat = strategy_of(cfg, STRATEGIES) or cfg.get("sync", "?")
+    batch = cfg.get("batch_per_node", 24)
+    return f"np={cfg.get('np')} {strat}{'' if batch == 24 else f' batch/node={batch}'} seed={cfg.get('seed')}"
+
+
+class StoreWatcher:
+    """Print runs as they start and finish under a results root; advance `bar` by each finished run's work.
+
+    Runs already in the store when the watcher starts are not reported (they are reused, not run).
+    """
+
+    def __init__(self, root, bar=None, poll: float = 1.0, out=None):
+        self.root, self.bar, self.poll = Path(root), bar, poll
+        self.out = out or sys.stdout
+        self.seen: dict[Path, str] = {}
+        self.started = self.finished = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="labtools-live", daemon=True)
+        self._known = set(results.run_dirs(self.root, completed=False)) if self.root.exists() else set()
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(5)
+        self.scan()  # the last run's end, if it came between two polls
+        return False
+
+    def _loop(self):
+        while not self._stop.wait(self.poll):
+            try:
+                self.scan()
+            except (OSError, ValueError):  # a folder being written: read it at the next poll
+                pass
+
+    def _print(self, line: str):
+        (self.bar.write if self.bar is not None else lambda s: print(s, file=self.out, flush=True))(line)
+
+    def scan(self):
+        from .record import COMPLETED, RUNNING, status
+
+        if not self.root.exists():
+            return
+        for d in results.run_dirs(self.root, completed=False):
+            if d in self._known:
+                continue
+            st = status(d)
+            before = self.seen.get(d)
+            if before == st:
+                continue
+            m, s = results.read_record(d)
+            cfg, name = m.get("config", {}), f"{d.parent.name}/{d.name}"
+            if before is None:
+                self.started += 1
+                self._print(f"[run] started   {describe(cfg)} P={m.get('processes', '?')}  ({name})")
+            if st != RUNNING:
+                self.finished += 1
+                if st == COMPLETED and s:
+                    ev = s.get("eval_set", "test")
+                    self._print(f"[run] finished  {describe(cfg)}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, "
+                                f"{s.get('global_wall_s', 0):.0f} s")
+                else:
+                    self._print(f"[run] {st:9s} {describe(cfg)}  ({name})")
+                if self.bar is not None:
+                    from .config import RunConfig
+
+                    self.bar.update(min(work(RunConfig.from_dict(cfg)), self.bar.total - self.bar.n))
+            self.seen[d] = st
+
+
+def overall_bar(total_work: float, runs: int, desc: str = "reproduce"):
+    """A terminal bar over the planned work (image-passes), labelled in runs."""
+    from tqdm import tqdm
+
+    return tqdm(total=total_work, desc=f"{desc} ({runs} runs)", unit="img", unit_scale=True, file=sys.stderr,
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {elapsed} elapsed, ~{remaining} left",
+                disable=None if runs else True, mininterval=2)
+
