@@ -51,12 +51,16 @@ def plan_work(profile: str, names, out_dir: Path, results_root) -> dict:
 def scrub(nb_path: Path) -> None:
     """Drop papermill's and Jupyter's clock times from an executed notebook: re-rendering unchanged
     inputs then writes the same file."""
+    import hashlib
+
     import nbformat
 
     nb = nbformat.read(nb_path, as_version=4)
     for k in ("duration", "start_time", "end_time"):
         nb.metadata.get("papermill", {}).pop(k, None)
-    for cell in nb.cells:
+    for i, cell in enumerate(nb.cells):
+        # nbformat gives id-less cells (jupytext pairs carry none) a random id on every execution
+        cell.id = f"c{i:02d}-{hashlib.sha1(cell.source.encode()).hexdigest()[:8]}"
         cell.metadata.pop("execution", None)
         for k in ("duration", "start_time", "end_time"):
             cell.metadata.get("papermill", {}).pop(k, None)
