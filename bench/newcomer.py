@@ -35,9 +35,11 @@ def _run(cmd: list[str], cwd: Path, log: Path) -> dict:
         rc = subprocess.run(cmd, cwd=cwd, stdout=f, stderr=subprocess.STDOUT, env={**os.environ, "CI": ""}).returncode
     text = log.read_text(errors="replace")
     m = re.search(r"(\d+) runs to compute", text)
+    nb = re.search(r"(\d+) notebooks in (\d+) s", text)
     status = subprocess.run(["git", "status", "--porcelain"], cwd=cwd, capture_output=True, text=True).stdout
     return {"cmd": " ".join(cmd), "rc": rc, "seconds": round(time.monotonic() - t0, 1),
             "runs_computed": int(m.group(1)) if m else None,
+            "reproduce_s": int(nb.group(2)) if nb else None,  # labtools reproduce alone (no venv, no install)
             "runs_started_lines": text.count("[run] started"), "runs_finished_lines": text.count("[run] finished"),
             "git_status_lines": [ln for ln in status.splitlines() if ln.strip()],
             "terminal_lines": len(text.splitlines()), "log_tail": text.splitlines()[-6:]}

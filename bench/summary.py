@@ -68,13 +68,16 @@ def newcomer_rows(root: Path) -> list[tuple[str, str]]:
         return []
     mins = lambda s: f"{s / 60:.1f} min" if s >= 120 else f"{s:.0f} s"  # noqa: E731
     what = {"make_main_1": "`make main` on the fresh clone (venv, install, compute, notebooks)",
-            "make_main_2": "`make main` again", "make_figures": "`make figures` (paper profile, stored runs)"}
+            "make_main_2": "`make main` again (the quickstart always trains its one run)", "make_figures": "`make figures` (paper profile, stored runs)"}
     out = []
     for k, label in what.items():
         st = nc["steps"].get(k)
         if st is None:
             continue
-        runs = "" if st["runs_computed"] is None else f", {st['runs_computed']} runs computed"
+        n = st["runs_computed"]
+        runs = "" if n is None else f", {n} run{'s' if n != 1 else ''} computed"
+        if st.get("reproduce_s") is not None and k == "make_main_1":
+            runs += f" ({mins(st['reproduce_s'])} of it `labtools reproduce`)"
         clean = "clean" if not st["git_status_lines"] else f"{len(st['git_status_lines'])} paths changed"
         out.append((label, f"{mins(st['seconds'])}{runs}; exit {st['rc']}; `git status`: {clean}"))
     return out

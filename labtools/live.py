@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import results
@@ -39,10 +40,13 @@ class StoreWatcher:
     """
 
     def __init__(self, root, bar=None, poll: float = 1.0, out=None):
-        self.root, self.bar, self.poll = Path(root), bar, poll
+        # absolute: papermill changes the process's working directory while a notebook runs
+        self.root, self.bar, self.poll = Path(root).resolve(), bar, poll
         self.out = out or sys.stdout
         self.seen: dict[Path, str] = {}
         self.started = self.finished = 0
+        self.total_work = getattr(bar, "total", None) or 0
+        self.done_work, self.t0 = 0.0, time.monotonic()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="labtools-live", daemon=True)
         self._known = set(results.run_dirs(self.root, completed=False)) if self.root.exists() else set()
@@ -61,11 +65,22 @@ class StoreWatcher:
         while not self._stop.wait(self.poll):
             try:
                 self.scan()
-            except (OSError, ValueError):  # a folder being written: read it at the next poll
+            except Exception:  # noqa: BLE001 - a folder being written: read it at the next poll; a view never stops a run
                 pass
 
     def _print(self, line: str):
-        (self.bar.write if self.bar is not None else lambda s: print(s, file=self.out, flush=True))(line)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(line, file=self.out)  # above the bar, which is redrawn below
+        else:
+            print(line, file=self.out, flush=True)
+
+    def _left(self) -> str:
+        """'; 12 runs done, ~4 min left' from the work done so far (for logs, where no bar is drawn)."""
+        if not self.total_work or not self.done_work:
+            return ""
+        left = (time.monotonic() - self.t0) * max(self.total_work - self.done_work, 0) / self.done_work
+        return f"; {self.finished} runs done, ~{left / 60:.0f} min left" if left >= 90 else \
+            f"; {self.finished} runs done, ~{left:.0f} s left"
 
     def scan(self):
         from .record import COMPLETED, RUNNING, status
@@ -86,16 +101,18 @@ class StoreWatcher:
                 self._print(f"[run] started   {describe(cfg)} P={m.get('processes', '?')}  ({name})")
             if st != RUNNING:
                 self.finished += 1
+                from .config import RunConfig
+
+                w = work(RunConfig.from_dict(cfg))
+                self.done_work += w
                 if st == COMPLETED and s:
                     ev = s.get("eval_set", "test")
                     self._print(f"[run] finished  {describe(cfg)}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, "
-                                f"{s.get('global_wall_s', 0):.0f} s")
+                                f"{s.get('global_wall_s', 0):.0f} s{self._left()}")
                 else:
-                    self._print(f"[run] {st:9s} {describe(cfg)}  ({name})")
+                    self._print(f"[run] {st:9s} {describe(cfg)}  ({name}){self._left()}")
                 if self.bar is not None:
-                    from .config import RunConfig
-
-                    self.bar.update(min(work(RunConfig.from_dict(cfg)), self.bar.total - self.bar.n))
+                    self.bar.update(min(w, self.bar.total - self.bar.n))
             self.seen[d] = st
 
 

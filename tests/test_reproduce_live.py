@@ -79,3 +79,15 @@ def test_code_commit_is_the_last_commit_that_changed_the_code():
     sha = subprocess.run(["git", "log", "-1", "--format=%H", "--", "labtools", "notebooks", "pyproject.toml"],
                          cwd=ROOT, capture_output=True, text=True).stdout.strip()
     assert c.split("+")[0] == sha
+
+
+def test_watcher_keeps_its_store_when_papermill_changes_the_working_directory(tmp_path, monkeypatch):
+    (tmp_path / "store").mkdir()
+    (tmp_path / "notebooks").mkdir()
+    monkeypatch.chdir(tmp_path)
+    out = io.StringIO()
+    w = live.StoreWatcher("store", bar=live.overall_bar(1000, 2), out=out)
+    monkeypatch.chdir(tmp_path / "notebooks")  # what papermill's execute_notebook(cwd=...) does meanwhile
+    shutil.copytree(_a_stored_run(), tmp_path / "store" / "exp" / "run")
+    w.scan()
+    assert "[run] finished" in out.getvalue() and "runs done" in out.getvalue()
