@@ -68,10 +68,10 @@ class Context:
         import pandas as pd
 
         keep = {str(d) for d in dirs}
-        roots = {Path(d).parent for d in dirs}
-        frames = [results.load_runs(r.parent, r.name) for r in roots]
+        roots = sorted({Path(d).parent for d in dirs})  # sorted: a set's order changes from process to process,
+        frames = [results.load_runs(r.parent, r.name) for r in roots]  # and with it a std's last bits
         df = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
-        return df[df.run_dir.isin(keep)].reset_index(drop=True) if len(df) else df
+        return df[df.run_dir.isin(keep)].sort_values("run_dir").reset_index(drop=True) if len(df) else df
 
     def _missing(self, parts=None) -> dict:
         """The gaps of the given parts of the study (ensure's desc names), or of all of it."""
