@@ -158,4 +158,5 @@ def test_scancel_stops_every_process_and_the_run_is_interrupted(slurm, cifar_dir
     assert "Traceback" not in log, log[-3000:]
     runs = subprocess.run([sys.executable, "-m", "labtools.cli", "runs", "--results", str(out)],
                           capture_output=True, text=True, timeout=60)
-    assert f"slurm/{d.name}" in runs.stdout and "interrupted" in runs.stdout, runs.stdout + runs.stderr
+    row = next((ln.split() for ln in runs.stdout.splitlines() if ln.startswith(d.name)), [])
+    assert row[1:3] == ["slurm", "interrupted"], runs.stdout + runs.stderr  # run id, experiment, status
