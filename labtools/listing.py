@@ -23,7 +23,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
     """One dict per run folder under root (or root/experiment), newest first, with COLUMNS and a
     sortable ``start_utc``. A folder whose record cannot be read is a row saying so."""
     from . import results
-    from .profiles import STRATEGIES, strategy_of
+    from .profiles import strategy_name
     from .record import status
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
@@ -42,7 +42,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
         acc = (s or {}).get(f"{eset}_acc") if st == "completed" else None
         row.update({
             "status": st, "np": m.get("world", ""), "P": m.get("processes", ""),
-            "strategy": strategy_of(cfg, STRATEGIES) or cfg.get("sync", ""),
+            "strategy": strategy_name(cfg),
             "seed": cfg.get("seed", ""),
             "epochs": str(total) if st == "completed" else f"{done}/{total}",
             "accuracy": "" if acc is None else f"{100 * acc:5.2f}% {'test' if eset == 'test' else 'val'}",

@@ -26,9 +26,9 @@ def work(cfg) -> float:
 
 def describe(cfg: dict) -> str:
     """np, strategy and seed of a run, as a researcher names it."""
-    from .profiles import STRATEGIES, strategy_of
+    from .profiles import strategy_name
 
-    strat = strategy_of(cfg, STRATEGIES) or cfg.get("sync", "?")
+    strat = strategy_name(cfg)
     batch = cfg.get("batch_per_node", 24)
     return f"np={cfg.get('np')} {strat}{'' if batch == 24 else f' batch/node={batch}'} seed={cfg.get('seed')}"
 
@@ -79,8 +79,8 @@ class StoreWatcher:
         if not self.total_work or not self.done_work:
             return ""
         left = (time.monotonic() - self.t0) * max(self.total_work - self.done_work, 0) / self.done_work
-        return f"; {self.finished} runs done, ~{left / 60:.0f} min left" if left >= 90 else \
-            f"; {self.finished} runs done, ~{left:.0f} s left"
+        done = f"{self.finished} run{'s' if self.finished != 1 else ''} done"
+        return f"; {done}, ~{left / 60:.0f} min left" if left >= 90 else f"; {done}, ~{left:.0f} s left"
 
     def scan(self):
         from .record import COMPLETED, RUNNING, status

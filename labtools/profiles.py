@@ -50,6 +50,12 @@ def strategy_of(cfg: dict, names, table: dict | None = None) -> str | None:
     return None
 
 
+def strategy_name(cfg: dict) -> str:
+    """A run's strategy as the studies name it (a sync strategy, else a selection candidate, else its sync)."""
+    return (strategy_of(cfg, STRATEGIES) or strategy_of(cfg, SELECTION_CANDIDATES, SELECTION_CANDIDATES)
+            or cfg.get("sync", "epoch-average"))
+
+
 PAPER_BATCHES = [8, 16, 24, 32]
 # Notebook 03, part 1: the paper's configuration under each input and model option.
 COLLAPSE_VARIANTS = {

@@ -90,4 +90,4 @@ def test_watcher_keeps_its_store_when_papermill_changes_the_working_directory(tm
     monkeypatch.chdir(tmp_path / "notebooks")  # what papermill's execute_notebook(cwd=...) does meanwhile
     shutil.copytree(_a_stored_run(), tmp_path / "store" / "exp" / "run")
     w.scan()
-    assert "[run] finished" in out.getvalue() and "runs done" in out.getvalue()
+    assert "[run] finished" in out.getvalue() and "; 1 run done, ~" in out.getvalue()
