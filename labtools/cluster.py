@@ -83,14 +83,13 @@ class _EpochBar:
         self.bar = tqdm(total=epochs, desc="training", unit="epoch", disable=not show)
 
     def poll(self, parts) -> None:
-        data = parts[0].data if parts else {}
-        if data.get("epoch", 0) > self.bar.n:
-            self.bar.update(data["epoch"] - self.bar.n)
-            self.bar.set_postfix_str(f"{data['eval_set']} acc {100 * data['acc']:.1f}%")
+        with suppress(Exception):  # a progress display never fails a task
+            data = parts[0].data if parts else {}
+            if data.get("epoch", 0) > self.bar.n:
+                self.bar.update(data["epoch"] - self.bar.n)
+                self.bar.set_postfix_str(f"{data['eval_set']} acc {100 * data['acc']:.1f}%")
 
-    def close(self, parts) -> None:
-        with suppress(Exception):
-            self.poll(parts)
+    def close(self) -> None:
         self.bar.close()
 
 
@@ -276,7 +275,7 @@ class Pool:
                                            restart_on_death=restart_on_death, stream=stream, name="training",
                                            on_poll=bar.poll)
         finally:
-            bar.close(getattr(self, "_parts", None))
+            bar.close()
         return self.last_results[0]
 
     def apply(self, fn, *args, timeout: float | None = None, restart_on_death: bool = True,
@@ -294,9 +293,10 @@ class Pool:
         CompositeError.tb_limit = 1  # streamed: the first remote traceback in full, later ones one line each
         try:
             with ar.stream_output() if stream else nullcontext():
-                self._parts = parts
                 outcome, failed = self._watch(ar, parts, timeout, on_poll)
                 ar.wait_for_output(1)
+                if on_poll is not None:  # the last report, which a short task gives between two polls
+                    on_poll(parts)
         except KeyboardInterrupt:
             print("Interrupted: stopping the pool (its engines may be waiting in an MPI collective); "
                   "pool.start() gives a fresh one.", file=sys.stderr)
@@ -326,8 +326,7 @@ class Pool:
         t0, first_err = time.monotonic(), None
         while not ar.wait(self.poll):
             if on_poll is not None:
-                with suppress(Exception):  # a progress display never fails a task
-                    on_poll(parts)
+                on_poll(parts)
             if self._dead():
                 return "died", {}
             failed = {r: p.exception() for r, p in enumerate(parts) if p.done() and not p.successful()}
