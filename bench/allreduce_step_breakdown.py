@@ -50,11 +50,26 @@ def main():
     inv = np.float32(1.0 / w.global_count(0))
     buf = np.zeros(w.n_params + 1, np.float32)
 
-    real = comm.allreduce_inplace
-    def step_no_comm():
-        comm.allreduce_inplace = lambda a: None  # same graph and numpy_function, no Allreduce inside
+    # The same step with the Allreduce replaced by identity (packing and unpacking only): a second
+    # Worker whose graph was built with an identity in place of the in-graph op, or, on the mpi4py
+    # path, the same graph with comm.allreduce_inplace a no-op while it runs.
+    from labtools import mpi_op
+
+    real_op = mpi_op.allreduce_op()
+    if real_op is not None:
+        mpi_op._lazy.op = lambda flat, _comm: flat
         try:
-            return [np.asarray(v) for v in w.allreduce_step(x, y, k, inv)]
+            w_nc = Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
+        finally:
+            mpi_op._lazy.op = real_op
+    else:
+        w_nc = w
+    real = comm.allreduce_inplace
+
+    def step_no_comm():
+        comm.allreduce_inplace = lambda a: None
+        try:
+            return [np.asarray(v) for v in w_nc.allreduce_step(x, y, k, inv)]
         finally:
             comm.allreduce_inplace = real
 
@@ -79,7 +94,7 @@ def main():
     if comm.is_root:
         base = ms["local_step"]
         out = {"ms_per_step": ms, "per_repeat_ms": per, "processes": comm.size, "batch_per_rank": 12,
-               "iters": a.iters, "n_params": w.n_params,
+               "iters": a.iters, "n_params": w.n_params, "allreduce_impl": mpi_op.reason(),
                "overhead_pct": {"allreduce_step": 100 * (ms["allreduce_step"] - base) / base,
                                 "pack_unpack_only": 100 * (ms["allreduce_step_no_comm"] - base) / base,
                                 "allreduce_only": 100 * ms["allreduce_only"] / base},

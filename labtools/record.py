@@ -58,7 +58,7 @@ def check_writable(out, experiment: str) -> None:
 
 
 def describe(cfg, *, world, processes, ranks_per_process, hosts, pids, cores_per_host, mpi_library,
-             n_train, n_eval, steps_per_epoch, threads) -> dict:
+             n_train, n_eval, steps_per_epoch, threads, kernels: dict | None = None) -> dict:
     """The manifest's facts about a run, computed once: the whole config (portable paths), the launch
     (N, P, hosts, cores, MPI), the code (git commit, versions, numerics) and the data sizes."""
     from . import numerics
@@ -75,6 +75,8 @@ def describe(cfg, *, world, processes, ranks_per_process, hosts, pids, cores_per
         "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(),
         # set by labtools.emulate for hosts that are network namespaces of one machine
         "emulated_hosts": os.environ.get("LABTOOLS_EMULATED_HOSTS"),
+        # which implementation ran the optimizer update and the per-step Allreduce (same numbers; speed)
+        "kernels": kernels,
     }
 
 

@@ -161,7 +161,8 @@ class AllReduce(Strategy):
             except Exception:
                 w.post_step_failure()  # peers are (or will be) inside this step's Allreduce
                 raise
-            per, correct, gn = w.allreduce_step(x, y, k, np.float32(1.0 / w.global_count(s)))
+            with w.comm.waiting("a synchronous step's Allreduce"):
+                per, correct, gn = w.allreduce_step(x, y, k, np.float32(1.0 / w.global_count(s)))
             per, correct, gn = per.numpy(), correct.numpy(), float(gn)
             dt = (time.perf_counter() - t) / len(w.ranks)
             o = 0

@@ -105,13 +105,21 @@ def _say(cfg: RunConfig, line: str) -> None:
 
 # ---------------------------------------------------------------------- setup
 
+def _kernels(cfg: RunConfig, comm: Comm) -> dict:
+    from . import fused_adam, mpi_op
+
+    return {"adam": fused_adam.reason() if cfg.optimizer == "adam" else "none (SGD)",
+            "allreduce": "none (no per-step Allreduce)" if cfg.sync != "allreduce" or comm.size == 1
+            else mpi_op.reason()}
+
+
 def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:
     """The root creates (or reopens) the run folder; everyone gets its path and the progress so far
     (epochs done, wall time, ...); on resume every logical rank gets its checkpointed state back."""
     launch = dict(world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
                   pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
                   mpi_library=comm.library_version(), n_train=len(w.ytr), n_eval=len(w.yte),
-                  steps_per_epoch=w.steps_per_epoch, threads=threads)
+                  steps_per_epoch=w.steps_per_epoch, threads=threads, kernels=_kernels(cfg, comm))
 
     def root_open():
         if resume is None:
@@ -306,7 +314,7 @@ def _run(cfg: RunConfig, comm: Comm, resume, world: int, threads: int, w, strate
                 progress["epochs_done"] = epoch + 1
                 if on_epoch is not None and comm.is_root:
                     on_epoch(epoch + 1, cfg.epochs, er)
-                states = comm.gather(w.local_states()) if cfg.checkpoint else None
+                states = comm.gather_states(w.local_states()) if cfg.checkpoint else None
                 comm.phase(_end_epoch, comm, rec, er, flat, states,
                            {**progress, "wall_s": progress["wall_s"] + comm.max(train_wall)})
         summary = _save(cfg, comm, w, rec, progress, progress["wall_s"] + comm.max(train_wall), mon)

@@ -15,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as D
+from . import mpi_op
 from .comm import Comm
 from .config import RunConfig
 from .fused_adam import FusedAdam
@@ -177,18 +178,28 @@ class Worker:
             return tf.reduce_sum(per), tf.reduce_sum(correct), update(grads)
 
         sizes, shapes = self.sizes, self.shapes
+        mpi = mpi_op.allreduce_op() if self.P > 1 and self.cfg.sync == "allreduce" else None
+        comm_f = np.int64(self.comm.c.py2f()) if self.P > 1 else None
+
+        def reduce(flat):  # the sum over processes (one process: the buffer itself)
+            if self.P == 1:
+                return flat
+            if mpi is not None:
+                return mpi(flat, comm_f)
+            return tf.reshape(tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True), tf.shape(flat))
 
         @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),), reduce_retracing=True)
         def allreduce_step(x, y, k, inv_global):
             # Fused synchronous SGD (bench/allreduce_overhead.py): the loss is pre-scaled by 1/(global
             # batch) so the summed gradient is already the mean; one concat into a flat buffer (grads +
-            # error flag), reduced in place by one Allreduce; Adam reads it at offsets, unsplit.
+            # error flag), reduced in place by one Allreduce in the graph (labtools.mpi_op); Adam reads
+            # it at offsets, unsplit.
             with tf.GradientTape() as tape:
                 per, correct = forward(x, y, k, True)
                 total = tf.reduce_sum(per) * inv_global
             grads = tape.gradient(total, tvars)
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.zeros([1])], 0)
-            red = tf.reshape(tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True), tf.shape(flat))
+            red = reduce(flat)
             if fused is not None and fused.op is not None:
                 return per, correct, fused.update(red)
             mean = [tf.reshape(g, s) for g, s in zip(tf.split(red, sizes + [1]), shapes)]
@@ -202,7 +213,8 @@ class Worker:
         self.local_step, self.allreduce_step, self.evaluate_fn = local_step, allreduce_step, evaluate
 
     def _allreduce_np(self, flat: np.ndarray) -> np.ndarray:
-        # The buffer is the graph's own concat output, used by nobody else: reduce it in place.
+        # Without the in-graph op. The buffer is the graph's own concat output, used by nobody else:
+        # reduce it in place.
         if not flat.flags.writeable:
             flat = flat.copy()
         self.comm.allreduce_inplace(flat)

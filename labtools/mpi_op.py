@@ -1,0 +1,67 @@
+"""The gradient Allreduce as a TensorFlow op (``ops/mpi_allreduce.cc``), built against the MPI that
+mpi4py loaded in this process.
+
+The op is compiled (``labtools.opbuild``) with that library's ``mpi.h`` and linked to the very file
+mpi4py mapped, so the op and mpi4py share one MPI. It runs in the graph, on the graph's buffer,
+without a trip through Python. When it cannot be built (no compiler, no ``mpi.h`` beside the
+library, a system without ``/proc``), or with ``LABTOOLS_MPI_OP=0``, labtools reduces through
+``tf.numpy_function`` and mpi4py instead: the same MPI call on the same buffer, so the same numbers.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import tensorflow as tf
+
+from . import opbuild
+
+def _loaded_libmpi() -> Path:
+    """The MPI library file mpi4py mapped into this process."""
+    from mpi4py import MPI  # noqa: F401 - maps libmpi
+
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        raise RuntimeError("no /proc/self/maps to find the MPI library mpi4py loaded")
+    libs = sorted({f for f in (line.split()[-1] for line in maps.read_text().splitlines() if line.strip())
+                   if re.search(r"/libmpi\.so(\.\d+)*$", f)})
+    if not libs:
+        raise RuntimeError("mpi4py's MPI library (libmpi.so*) is not mapped in this process")
+    return Path(libs[0])
+
+
+def _include_dir(lib: Path) -> Path:
+    """mpi.h of that library: its prefix's include/, else what the mpicc beside Python names."""
+    for d in (lib.parent.parent / "include", lib.parent.parent / "include" / "mpich"):
+        if (d / "mpi.h").exists():
+            return d
+    mpicc = Path(sys.executable).parent / "mpicc"
+    mpicc = str(mpicc) if mpicc.exists() else shutil.which("mpicc")
+    if mpicc:
+        for args in (["-show"], ["-showme:compile"]):
+            r = subprocess.run([mpicc, *args], capture_output=True, text=True)
+            for flag in r.stdout.split():
+                if flag.startswith("-I") and (Path(flag[2:]) / "mpi.h").exists():
+                    return Path(flag[2:])
+    raise RuntimeError(f"no mpi.h for {lib} (looked in its prefix's include/ and asked mpicc)")
+
+
+def _load():
+    lib = _loaded_libmpi()
+    path = opbuild.build("mpi_allreduce", [f"-I{_include_dir(lib)}"], [str(lib), f"-Wl,-rpath,{lib.parent}"])
+    return tf.load_op_library(str(path)).labtools_allreduce
+
+
+_lazy = opbuild.LazyOp("the in-graph Allreduce", "LABTOOLS_MPI_OP", "reducing through mpi4py", _load)
+
+
+def allreduce_op():
+    """The op, or None (then ``reason()`` says why)."""
+    return _lazy.get()
+
+
+def reason() -> str:
+    return "in-graph op" if allreduce_op() is not None else f"mpi4py via numpy_function ({_lazy.why_not})"
