@@ -35,6 +35,11 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
     pct = lambda v: f"{100 * v:.1f}%"  # noqa: E731
     out.append(("`labtools train` warm-epoch img/s / Keras `fit` img/s (batch 12, 1 thread)",
                 _spread([r["labtools_over_fit"] for r in reps], x), ">= 1.5x", "step_speed.json"))
+    bound = _load(res, "step_bound.json")
+    if bound:  # no step can beat forward+backward with the same kernels: the ceiling of the ratio above
+        out.append(("forward+backward alone (no update) img/s / Keras `fit` img/s: the most any step with the same "
+                    "kernels could reach", _spread([r["bound"] for r in bound["repeats"]], x), "(a ceiling)",
+                    "step_bound.json"))
     out.append(("P = 2 efficiency (epoch-average)", _spread([r.get("p2_efficiency") for r in reps], pct), ">= 95%",
                 "step_speed.json"))
     ar = _load(res, "allreduce_overhead_p2.json")
