@@ -19,6 +19,7 @@ import tensorflow as tf
 
 from . import opbuild
 
+
 def _loaded_libmpi() -> Path:
     """The MPI library file mpi4py mapped into this process."""
     from mpi4py import MPI  # noqa: F401 - maps libmpi
