@@ -163,11 +163,8 @@ class Comm:
         self.c.Abort(code)
 
     # --------------------------------------------------------- bounded waits
-    def _wait(self, what: str):
-        return _Waiting(self, what)
-
     def waiting(self, what: str):
-        """Marks a call that blocks in a collective outside this class (the in-graph Allreduce)."""
+        """Marks a blocking collective for the watchdog (here, and the in-graph Allreduce's step)."""
         return _Waiting(self, what)
 
     def _watchdog(self) -> None:
@@ -187,19 +184,19 @@ class Comm:
 
     # --------------------------------------------------------- collectives
     def barrier(self) -> None:
-        with self._wait("barrier"):
+        with self.waiting("barrier"):
             self.c.Barrier()
 
     def bcast(self, obj, root: int = 0):
-        with self._wait("bcast"):
+        with self.waiting("bcast"):
             return self.c.bcast(obj, root=root)
 
     def gather(self, obj, root: int = 0):
-        with self._wait("gather"):
+        with self.waiting("gather"):
             return self.c.gather(obj, root=root)
 
     def scatter(self, objs, root: int = 0):
-        with self._wait("scatter"):
+        with self.waiting("scatter"):
             return self.c.scatter(objs, root=root)
 
     def gather_states(self, states: dict[int, list[np.ndarray]]) -> list[dict] | None:
@@ -207,20 +204,16 @@ class Comm:
         buffers into arrays the root allocates: the root holds each received array once, where a
         pickled gather held the pickle, its receive buffer and the arrays (+50 MB at np = 2). An
         array shared by several ranks (``Worker.local_states``) is sent once."""
+        index: dict[int, int] = {}  # id(array) -> its place in uniq
         uniq: list[np.ndarray] = []
-        refs: dict[int, list[int]] = {}
-        for r, parts in states.items():
-            refs[r] = []
+        refs = {r: [index.setdefault(id(a), len(index)) for a in parts] for r, parts in states.items()}
+        for parts in states.values():  # first sightings, in the order index numbered them
             for a in parts:
-                i = next((j for j, u in enumerate(uniq) if u is a), None)
-                if i is None:
-                    uniq.append(a)
-                    i = len(uniq) - 1
-                refs[r].append(i)
-        uniq = [np.ascontiguousarray(u) for u in uniq]
+                if index[id(a)] == len(uniq):
+                    uniq.append(np.ascontiguousarray(a))
         meta = self.gather((refs, [(u.dtype.str, u.shape) for u in uniq]))
         if not self.is_root:
-            with self._wait("checkpoint gather"):
+            with self.waiting("checkpoint gather"):
                 for u in uniq:
                     self.c.Send(u, dest=0, tag=self.STATE_TAG)
             return None
@@ -229,14 +222,14 @@ class Comm:
             arrays = uniq
             if p != self.rank:
                 arrays = [np.empty(shape, dtype) for dtype, shape in specs]
-                with self._wait("checkpoint gather"):
+                with self.waiting("checkpoint gather"):
                     for a in arrays:
                         self.c.Recv(a, source=p, tag=self.STATE_TAG)
             out.append({r: [arrays[i] for i in ids] for r, ids in prefs.items()})
         return out
 
     def allgather(self, obj):
-        with self._wait("allgather"):
+        with self.waiting("allgather"):
             return self.c.allgather(obj)
 
     def allreduce_array(self, a: np.ndarray) -> np.ndarray:
@@ -245,22 +238,22 @@ class Comm:
         if self.size == 1:
             return a.copy()
         out = np.empty_like(a)
-        with self._wait("Allreduce"):
+        with self.waiting("Allreduce"):
             self.c.Allreduce(a, out, op=self.MPI.SUM)
         return out
 
     def allreduce_inplace(self, a: np.ndarray) -> None:
         """Elementwise sum over processes, written over a (contiguous, writeable) buffer."""
         if self.size > 1:
-            with self._wait("Allreduce"):
+            with self.waiting("Allreduce"):
                 self.c.Allreduce(self.MPI.IN_PLACE, a, op=self.MPI.SUM)
 
     def max(self, x: float) -> float:
-        with self._wait("allreduce"):
+        with self.waiting("allreduce"):
             return self.c.allreduce(x, op=self.MPI.MAX)
 
     def sum(self, x):
-        with self._wait("allreduce"):
+        with self.waiting("allreduce"):
             return self.c.allreduce(x, op=self.MPI.SUM)
 
     def library_version(self) -> str:
