@@ -98,9 +98,15 @@ def main():
     out = {"repeats": reps, "images_per_epoch": a.images, "epochs": a.epochs, "batch_per_rank": 12, "threads": 1,
            "ratio_labtools_over_fit": spread([r["labtools_over_fit"] for r in reps]),
            **({"p2_efficiency": spread([r["p2_efficiency"] for r in reps])} if not a.no_p2 else {}),
-           "fused_adam": _fused(), **provenance.sidecar(date_utc=provenance.utc_now())}
+           "fused_adam": _fused(), "steps_per_call": _per_call(), **provenance.sidecar(date_utc=provenance.utc_now())}
     results.write_json(a.out, out)
     print(json.dumps({k: out[k] for k in out if k.startswith(("ratio", "p2"))}, indent=1))
+
+
+def _per_call() -> int:
+    from labtools.worker import steps_per_call
+
+    return steps_per_call()
 
 
 def _fused() -> str:

@@ -37,8 +37,8 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
                 _spread([r["labtools_over_fit"] for r in reps], x), ">= 1.5x", "step_speed.json"))
     bound = _load(res, "step_bound.json")
     if bound:  # no step can beat forward+backward with the same kernels: the ceiling of the ratio above
-        out.append(("forward+backward alone (no update) img/s / Keras `fit` img/s, both in one process: the ceiling "
-                    "of the ratio above with the same kernels", _spread([r["bound"] for r in bound["repeats"]], x), "(a ceiling)",
+        out.append(("forward+backward alone (no update) img/s / Keras `fit` img/s, both in one process, called as "
+                    "labtools calls its steps: the ceiling of the ratio above with the same kernels", _spread([r["bound"] for r in bound["repeats"]], x), "(a ceiling)",
                     "step_bound.json"))
     out.append(("P = 2 efficiency (epoch-average)", _spread([r.get("p2_efficiency") for r in reps], pct), ">= 95%",
                 "step_speed.json"))

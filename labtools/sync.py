@@ -17,7 +17,7 @@ import numpy as np
 
 from . import data as D
 from .comm import PeerFailed, RankFailure
-from .worker import Worker
+from .worker import Worker, steps_per_call
 
 
 class RankStats:
@@ -77,21 +77,28 @@ class LocalSGD(Strategy):
 
     @staticmethod
     def _local_steps(w: Worker, epoch, s0, s1, orders, stats):
-        b = w.b
+        b, per_call = w.b, steps_per_call()
         for r in w.ranks:
             w.activate(r)
             order, st = orders[r], stats[r]
-            for s in range(s0, s1):
-                idx = order[s * b:(s + 1) * b]
-                if len(idx) == 0:
+            s = s0
+            while s < s1:
+                # up to per_call steps in one graph call; a shorter (last) batch goes alone
+                idxs = [order[s * b:(s + 1) * b]]
+                if len(idxs[0]) == 0:
                     break
+                while len(idxs) < per_call and s + len(idxs) < s1:
+                    nxt = order[(s + len(idxs)) * b:(s + len(idxs) + 1) * b]
+                    if len(nxt) != len(idxs[0]):
+                        break
+                    idxs.append(nxt)
                 w.check(r, epoch)
                 t = time.perf_counter()
-                w.set_lr(epoch, s)
-                x, y, k = w.batch(idx, epoch)
-                loss, correct, gn = w.local_step(x, y, k)
-                loss, correct, gn = float(loss), float(correct), float(gn)
-                st.add(loss, correct, len(idx), time.perf_counter() - t, gn)
+                losses, corrects, norms = w.train_steps(idxs, epoch, s)
+                dt = (time.perf_counter() - t) / len(idxs)
+                for idx, loss, correct, gn in zip(idxs, losses.tolist(), corrects.tolist(), norms.tolist()):
+                    st.add(loss, correct, len(idx), dt, gn)
+                s += len(idxs)
 
     def average(self, w: Worker) -> float:
         """Average weights (and optimizer state if asked) over all N ranks; return the mean
@@ -146,31 +153,40 @@ class AllReduce(Strategy):
 
     @staticmethod
     def _steps(w: Worker, epoch, orders, stats):
-        b = w.b
-        for s in range(w.steps_per_epoch):
+        b, per_call, S = w.b, steps_per_call(), w.steps_per_epoch
+
+        def parts(s):
+            return [orders[r][s * b:(s + 1) * b] for r in w.ranks]
+
+        s = 0
+        while s < S:
             t = time.perf_counter()
             try:
-                parts = [orders[r][s * b:(s + 1) * b] for r in w.ranks]
+                # up to per_call steps in one call, while this process's batches keep their sizes
+                chunk = [parts(s)]
+                sizes = [len(p) for p in chunk[0]]
+                while len(chunk) < per_call and s + len(chunk) < S and [len(p) for p in parts(s + len(chunk))] == sizes:
+                    chunk.append(parts(s + len(chunk)))
                 for r in w.ranks:
                     w.check(r, epoch)
-                idx = np.concatenate(parts)
-                w.set_lr(epoch, s)
-                x, y, k = w.batch(idx, epoch)
+                x, y, k = w.batch(np.concatenate([np.concatenate(ps) for ps in chunk]), epoch)
+                n, B = len(chunk), sum(sizes)
+                x, y, k = x.reshape(n, B, *x.shape[1:]), y.reshape(n, B), k.reshape(n, B)
             except PeerFailed:
                 raise
             except Exception:
-                w.post_step_failure()  # peers are (or will be) inside this step's Allreduce
+                w.post_step_failure()  # peers are (or will be) inside step s's Allreduce
                 raise
             with w.comm.waiting("a synchronous step's Allreduce"):
-                per, correct, gn = w.allreduce_step(x, y, k, np.float32(1.0 / w.global_count(s)))
-            per, correct, gn = per.numpy(), correct.numpy(), float(gn)
-            dt = (time.perf_counter() - t) / len(w.ranks)
-            o = 0
-            for r, p in zip(w.ranks, parts):
-                n = len(p)
-                if n:
-                    stats[r].add(float(per[o:o + n].sum()), float(correct[o:o + n].sum()), n, dt, gn)
-                o += n
+                pers, corrects, norms = w.sync_steps(x, y, k, epoch, s)
+            dt = (time.perf_counter() - t) / n / len(w.ranks)
+            for per, correct, gn in zip(pers, corrects, norms.tolist()):
+                o = 0
+                for r, size in zip(w.ranks, sizes):
+                    if size:
+                        stats[r].add(float(per[o:o + size].sum()), float(correct[o:o + size].sum()), size, dt, gn)
+                    o += size
+            s += n
 
 
 def make_strategy(cfg) -> Strategy:

@@ -107,10 +107,12 @@ def _say(cfg: RunConfig, line: str) -> None:
 
 def _kernels(cfg: RunConfig, comm: Comm) -> dict:
     from . import fused_adam, mpi_op
+    from .worker import steps_per_call
 
     return {"adam": fused_adam.reason() if cfg.optimizer == "adam" else "none (SGD)",
             "allreduce": "none (no per-step Allreduce)" if cfg.sync != "allreduce" or comm.size == 1
-            else mpi_op.reason()}
+            else mpi_op.reason(),
+            "steps_per_call": steps_per_call()}
 
 
 def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:
@@ -220,6 +222,9 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     """Train with cfg on this process's logical ranks; return the run summary (on every process).
     ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one)."""
     cfg.validate()
+    from .worker import steps_per_call
+
+    steps_per_call()  # a bad $LABTOOLS_STEPS_PER_CALL is said before any work
     comm = comm or Comm()
     comm.wait_limit = cfg.wait_limit or None
     # before any work: --out can be written, or the run to resume can be continued

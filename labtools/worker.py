@@ -8,6 +8,7 @@ few milliseconds and happens once per rank per sync round. With k = 1 nothing is
 from __future__ import annotations
 
 import math
+import os
 import time
 
 import keras
@@ -17,7 +18,7 @@ import tensorflow as tf
 from . import data as D
 from . import mpi_op
 from .comm import Comm
-from .config import RunConfig
+from .config import ConfigError, RunConfig
 from .fused_adam import FusedAdam
 from .model import relu_probe, squeezenet_v1_1
 
@@ -26,19 +27,56 @@ class InjectedFailure(RuntimeError):
     pass
 
 
+def steps_per_call() -> int:
+    """Local steps per graph call (``$LABTOOLS_STEPS_PER_CALL``, default 16): a speed setting only,
+    the numbers are the same for any value. Failure and signal checks run between calls, so a
+    larger value answers them later (16 steps: about 0.1 s here)."""
+    raw = os.environ.get("LABTOOLS_STEPS_PER_CALL", "16")
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ConfigError(f"LABTOOLS_STEPS_PER_CALL must be a whole number of at least 1, not {raw!r}")
+    return n
+
+
 def _concrete(fn):
-    """``fn``'s one concrete function (its input_signature), traced on first call. Calling it skips the
-    polymorphic function's per-call argument binding and cache lookup (0.7-0.9 ms of a 12 ms step
-    here): the same graph, the same numbers."""
-    cf = None
+    """``fn``'s one graph (its input_signature), traced on first call and then run the way
+    ``ConcreteFunction._call_flat`` runs it when no tape is watching: the arguments converted to the
+    signature's dtypes, the captured variables appended, ``call_preflattened``. That skips the
+    per-call argument binding, cache lookup and capture resolution of ``tf.function`` (1.1-1.3 ms of
+    a 12 ms step here) and of ``ConcreteFunction.__call__`` (0.3-0.6 ms of a 7 ms step): the same
+    graph, the same numbers. Without that TensorFlow internal, the concrete function is called."""
+    run = None
 
     def call(*args):
-        nonlocal cf
-        if cf is None:
-            cf = fn.get_concrete_function()
-        return cf(*args)
+        nonlocal run
+        if run is None:
+            run = _fast_path(fn)
+        return run(*args)
 
     return call
+
+
+def _fast_path(fn):
+    cf = fn.get_concrete_function()
+    atomic = getattr(cf, "_inference_function", None)
+    try:
+        from tensorflow.python.eager.record import could_possibly_record
+    except ImportError:
+        return cf
+    if not hasattr(atomic, "call_preflattened"):
+        return cf
+    dtypes = [s.dtype for s in fn.input_signature]
+    captures = list(cf.captured_inputs)  # variable handles: fixed for the function's life
+
+    def run(*args):
+        if tf.executing_eagerly() and not could_possibly_record():
+            return atomic.call_preflattened([tf.convert_to_tensor(a, d) for a, d in zip(args, dtypes)] + captures)
+        return cf(*args)  # under a tape or inside a graph: the full path records what it must
+
+    return run
 
 
 def _flat(vars_) -> np.ndarray:
@@ -184,13 +222,32 @@ class Worker:
             correct = tf.cast(tf.equal(tf.argmax(p, axis=-1), y), tf.float32)
             return per, correct
 
-        @tf.function(input_signature=spec, reduce_retracing=True)
+        lr_var = opt._learning_rate  # a Keras Variable (the optimizer is always given a float)
+        many = (tf.TensorSpec([None, None, 32, 32, 3], tf.float32), tf.TensorSpec([None, None], tf.int64),
+                tf.TensorSpec([None, None], tf.int64), tf.TensorSpec([None], tf.float32))
+
+        def steps(step, x, y, k, lrs, *per_step):
+            # n optimizer steps in one call, a loop in the graph: step i sets the learning rate to
+            # lrs[i] and trains on batch x[i]. The kernels and their order are those of n separate
+            # calls (the same bits: tests/test_equivalence.py); one host<->graph crossing per n steps.
+            n = tf.shape(x)[0]
+            outs = [tf.TensorArray(tf.float32, size=n) for _ in range(3)]
+            for i in tf.range(n):
+                lr_var.assign(lrs[i])
+                got = step(x[i], y[i], k[i], *[a[i] for a in per_step])
+                outs = [o.write(i, g) for o, g in zip(outs, got)]
+            return tuple(o.stack() for o in outs)
+
         def local_step(x, y, k):
             with tf.GradientTape() as tape:
                 per, correct = forward(x, y, k, True)
                 loss = tf.reduce_mean(per)
             grads = tape.gradient(loss, tvars)
             return tf.reduce_sum(per), tf.reduce_sum(correct), update(grads)
+
+        @tf.function(input_signature=many, reduce_retracing=True)
+        def local_steps(x, y, k, lrs):
+            return steps(local_step, x, y, k, lrs)
 
         sizes, shapes = self.sizes, self.shapes
         mpi = mpi_op.allreduce_op() if self.P > 1 and self.cfg.sync == "allreduce" else None
@@ -203,7 +260,6 @@ class Worker:
                 return mpi(flat, comm_f)
             return tf.reshape(tf.numpy_function(self._allreduce_np, [flat], tf.float32, stateful=True), tf.shape(flat))
 
-        @tf.function(input_signature=spec + (tf.TensorSpec([], tf.float32),), reduce_retracing=True)
         def allreduce_step(x, y, k, inv_global):
             # Fused synchronous SGD (bench/allreduce_overhead.py): the loss is pre-scaled by 1/(global
             # batch) so the summed gradient is already the mean; one concat into a flat buffer (grads +
@@ -220,12 +276,18 @@ class Worker:
             mean = [tf.reshape(g, s) for g, s in zip(tf.split(red, sizes + [1]), shapes)]
             return per, correct, update(mean)
 
+        @tf.function(input_signature=many + (tf.TensorSpec([None], tf.float32),), reduce_retracing=True)
+        def allreduce_steps(x, y, k, lrs, inv_global):
+            # step i's Allreduce is the i-th of the call, so processes whose calls split the steps
+            # differently still meet step by step
+            return steps(allreduce_step, x, y, k, lrs, inv_global)
+
         @tf.function(input_signature=spec[:2], reduce_retracing=True)
         def evaluate(x, y):
             per, correct = forward(x, y, tf.zeros_like(y), False)
             return tf.reduce_sum(per), tf.reduce_sum(correct)
 
-        self.local_step, self.allreduce_step, self.evaluate_fn = map(_concrete, (local_step, allreduce_step, evaluate))
+        self.local_steps, self.allreduce_steps, self.evaluate_fn = map(_concrete, (local_steps, allreduce_steps, evaluate))
 
     def _allreduce_np(self, flat: np.ndarray) -> np.ndarray:
         # Without the in-graph op. The buffer is the graph's own concat output, used by nobody else:
@@ -235,6 +297,38 @@ class Worker:
         self.comm.allreduce_inplace(flat)
         self.comm.raise_if_peer_failed(flat)
         return flat
+
+    def train_steps(self, idxs: list[np.ndarray], epoch: int, step0: int):
+        """Steps step0, step0 + 1, ... of the current rank on the equal-size batches ``idxs`` (sample
+        indices), in one graph call; per step: summed loss, correct count, gradient norm (NumPy)."""
+        n, b = len(idxs), len(idxs[0])
+        x, y, k = self.batch(np.concatenate(idxs), epoch)
+        lrs = [self.lr_at(epoch, step0 + i) for i in range(n)]
+        out = self.local_steps(x.reshape(n, b, *x.shape[1:]), y.reshape(n, b), k.reshape(n, b), np.array(lrs, np.float32))
+        self._lr_now = lrs[-1]  # what the graph left in the optimizer (set_lr's cache)
+        return tuple(o.numpy() for o in out)
+
+    def sync_steps(self, x, y, k, epoch: int, step0: int):
+        """Synchronous steps step0, step0 + 1, ... on prepared batches stacked along a first axis (the
+        same size within a call), in one graph call; per step: per-sample losses, per-sample
+        correctness, gradient norm (NumPy)."""
+        n = len(x)
+        lrs = [self.lr_at(epoch, step0 + i) for i in range(n)]
+        inv = [1.0 / self.global_count(step0 + i) for i in range(n)]
+        out = self.allreduce_steps(x, y, k, np.array(lrs, np.float32), np.array(inv, np.float32))
+        self._lr_now = lrs[-1]
+        return tuple(o.numpy() for o in out)
+
+    def local_step(self, x, y, k):
+        """One step on a prepared batch at the optimizer's current learning rate (benchmarks)."""
+        lr = np.array([self.opt.learning_rate.numpy()], np.float32)
+        return tuple(o[0] for o in self.local_steps(x[None], y[None], k[None], lr))
+
+    def allreduce_step(self, x, y, k, inv_global):
+        """One synchronous step on a prepared batch at the current learning rate (benchmarks)."""
+        lr = np.array([self.opt.learning_rate.numpy()], np.float32)
+        inv = np.array([inv_global], np.float32)
+        return tuple(o[0] for o in self.allreduce_steps(x[None], y[None], k[None], lr, inv))
 
     def global_count(self, step: int) -> int:
         """Samples all N ranks contribute to a synchronous step (known everywhere without talking)."""

@@ -83,3 +83,16 @@ def test_diagnostics_observe_without_changing_training(cifar_dir, tmp_path):
     assert np.array_equal(a, b)
     assert 0.0 <= sa["init_dead_conv10_frac"] <= 1.0 and 0.0 <= sa["init_dead_relu_frac"] <= 1.0
     assert "init_dead_conv10_frac" not in sb
+
+
+def test_steps_per_call_changes_speed_not_numbers(cifar_dir, tmp_path, monkeypatch):
+    """Several local steps per graph call (a loop in the graph) give the bits of one step per call:
+    with a short last batch, a learning rate that changes every step, and local SGD's syncs falling
+    inside a call's span."""
+    kw = dict(np=2, ranks_per_node=2, batch_per_node=24, limit_train=202, sync="local-sgd", sync_every=7,
+              warmup_epochs=1, lr_schedule="cosine", lr_scaling="linear")
+    got = {}
+    for n in ("1", "5", "16"):
+        monkeypatch.setenv("LABTOOLS_STEPS_PER_CALL", n)
+        got[n], _ = _weights(tmp_path, f"spc{n}", cifar_dir, **kw)
+    assert np.array_equal(got["1"], got["5"]) and np.array_equal(got["1"], got["16"])
