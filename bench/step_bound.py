@@ -55,7 +55,8 @@ def main():
     model = squeezenet_v1_1()
     model.compile(optimizer=keras.optimizers.Adam(5e-4), loss="sparse_categorical_crossentropy")
     tvars = model.trainable_variables
-    from labtools.worker import _concrete, steps_per_call
+    from labtools.config import steps_per_call
+    from labtools.worker import _concrete
 
     per_call = steps_per_call()
     xb, yb = x[:len(x) // 12 * 12].reshape(-1, 12, 32, 32, 3), ytr[:len(x) // 12 * 12].reshape(-1, 12)

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import data as D
 from .comm import PeerFailed, RankFailure
-from .worker import Worker, steps_per_call
+from .config import steps_per_call
+from .worker import Worker
 
 
 class RankStats:

@@ -19,7 +19,7 @@ import numpy as np
 from . import data as D
 from . import keeper, records
 from .comm import Comm, RankFailure, RunInterrupted, default_threads
-from .config import ConfigError, RunConfig
+from .config import ConfigError, RunConfig, steps_per_call
 from .metrics import is_at_chance, is_collapsed
 from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable, describe
 
@@ -107,7 +107,6 @@ def _say(cfg: RunConfig, line: str) -> None:
 
 def _kernels(cfg: RunConfig, comm: Comm) -> dict:
     from . import fused_adam, mpi_op
-    from .worker import steps_per_call
 
     return {"adam": fused_adam.reason() if cfg.optimizer == "adam" else "none (SGD)",
             "allreduce": "none (no per-step Allreduce)" if cfg.sync != "allreduce" or comm.size == 1
@@ -222,8 +221,6 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     """Train with cfg on this process's logical ranks; return the run summary (on every process).
     ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one)."""
     cfg.validate()
-    from .worker import steps_per_call
-
     steps_per_call()  # a bad $LABTOOLS_STEPS_PER_CALL is said before any work
     comm = comm or Comm()
     comm.wait_limit = cfg.wait_limit or None

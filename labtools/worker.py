@@ -8,7 +8,6 @@ few milliseconds and happens once per rank per sync round. With k = 1 nothing is
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import keras
@@ -18,27 +17,13 @@ import tensorflow as tf
 from . import data as D
 from . import mpi_op
 from .comm import Comm
-from .config import ConfigError, RunConfig
+from .config import RunConfig
 from .fused_adam import FusedAdam
 from .model import relu_probe, squeezenet_v1_1
 
 
 class InjectedFailure(RuntimeError):
     pass
-
-
-def steps_per_call() -> int:
-    """Local steps per graph call (``$LABTOOLS_STEPS_PER_CALL``, default 16): a speed setting only,
-    the numbers are the same for any value. Failure and signal checks run between calls, so a
-    larger value answers them later (16 steps: about 0.1 s here)."""
-    raw = os.environ.get("LABTOOLS_STEPS_PER_CALL", "16")
-    try:
-        n = int(raw)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ConfigError(f"LABTOOLS_STEPS_PER_CALL must be a whole number of at least 1, not {raw!r}")
-    return n
 
 
 def _concrete(fn):

@@ -265,7 +265,7 @@ def test_thread_request_after_tf_started_is_not_silently_ignored():
 
 @pytest.mark.parametrize("raw", ["0", "-3", "many", "1.5"])
 def test_steps_per_call_bad_value_is_one_sentence(raw, monkeypatch):
-    from labtools.worker import steps_per_call
+    from labtools.config import steps_per_call
 
     monkeypatch.setenv("LABTOOLS_STEPS_PER_CALL", raw)
     with pytest.raises(ConfigError, match=r"LABTOOLS_STEPS_PER_CALL must be a whole number of at least 1, not"):
