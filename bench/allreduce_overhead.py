@@ -33,9 +33,12 @@ def main():
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="bench-")
     runner = MpiexecRunner()
-    # "allreduce, via mpi4py": the same run with the in-graph op turned off (LABTOOLS_MPI_OP=0), the
-    # path before it: the gradient buffer handed to Python through tf.numpy_function, reduced by mpi4py.
+    # The earlier paths, in the same run: "allreduce, Adam replicated" (LABTOOLS_SHARDED_ADAM=0: the
+    # gradients packed, one in-graph Allreduce, Adam on every parameter in each process) and "allreduce,
+    # via mpi4py" (LABTOOLS_MPI_OP=0: the buffer handed to Python through tf.numpy_function, reduced by
+    # mpi4py, Adam replicated).
     variants = {"epoch-average": ("epoch-average", {}), "allreduce": ("allreduce", {}),
+                "allreduce, Adam replicated": ("allreduce", {"LABTOOLS_SHARDED_ADAM": "0"}),
                 "allreduce, via mpi4py": ("allreduce", {"LABTOOLS_MPI_OP": "0"})}
     per, kernels = {}, {}
     for rep in range(a.repeats):
@@ -60,6 +63,7 @@ def main():
     ea = mean["epoch-average"]
     out = {"mean_step_s": mean, "per_repeat": per,
            "allreduce_overhead_pct": 100 * (mean["allreduce"] - ea) / ea,
+           "allreduce_replicated_adam_overhead_pct": 100 * (mean["allreduce, Adam replicated"] - ea) / ea,
            "allreduce_via_mpi4py_overhead_pct": 100 * (mean["allreduce, via mpi4py"] - ea) / ea,
            "overhead_pct_per_repeat": {k: [100 * (x - e) / e for x, e in zip(per[k], per["epoch-average"])]
                                        for k in per if k != "epoch-average"},
@@ -68,7 +72,8 @@ def main():
            **provenance.sidecar(date_utc=provenance.utc_now())}
     # one file per process count, so a run at another P does not overwrite the P = 2 measurement
     results.write_json(a.out or ROOT / "bench" / "results" / f"allreduce_overhead_p{a.processes}.json", out)
-    print(json.dumps({k: out[k] for k in ("mean_step_s", "allreduce_overhead_pct", "allreduce_via_mpi4py_overhead_pct")},
+    print(json.dumps({k: out[k] for k in ("mean_step_s", "allreduce_overhead_pct", "allreduce_replicated_adam_overhead_pct",
+                                                  "allreduce_via_mpi4py_overhead_pct")},
                      indent=1))
 
 

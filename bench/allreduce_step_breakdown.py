@@ -4,8 +4,11 @@
 
 Times, in a tight loop on real CIFAR-10 images (ms per step, mean over repeats, interleaved):
 - local_step: epoch-average's step (forward, backward, Adam);
-- allreduce_step: the fused synchronous step labtools runs (pack, in-place Allreduce, unpack, Adam);
-- allreduce_step_no_comm: the same graph with the Allreduce replaced by identity (pack/unpack only);
+- allreduce_step: the synchronous step labtools runs (at P = 2: Adam sharded over the two processes,
+  gradients and weights exchanged straight from and into the variables; else as the next line);
+- allreduce_step_replicated_adam: the step with LABTOOLS_SHARDED_ADAM=0 (pack, in-place Allreduce,
+  Adam on every parameter);
+- allreduce_step_no_comm: that step with the Allreduce replaced by identity (pack/unpack only);
 - allreduce_only: MPI Allreduce of the gradient buffer alone (in place).
 The root writes bench/results/allreduce_step_breakdown_p<P>.json (one file per process count,
 so a run at another P does not overwrite the committed P = 2 measurement).
@@ -50,20 +53,29 @@ def main():
     inv = np.float32(1.0 / w.global_count(0))
     buf = np.zeros(w.n_params + 1, np.float32)
 
-    # The same step with the Allreduce replaced by identity (packing and unpacking only): a second
-    # Worker whose graph was built with an identity in place of the in-graph op, or, on the mpi4py
-    # path, the same graph with comm.allreduce_inplace a no-op while it runs.
+    # The step labtools ran before Adam was sharded (LABTOOLS_SHARDED_ADAM=0: pack, Allreduce, Adam on
+    # every parameter), and that step with the Allreduce replaced by identity (packing and unpacking
+    # only): Workers whose graphs were built that way, or, on the mpi4py path, the same graph with
+    # comm.allreduce_inplace a no-op while it runs.
+    import types
+
     from labtools import mpi_op
 
-    real_op = mpi_op.allreduce_op()
-    if real_op is not None:
-        mpi_op._lazy.op = lambda flat, _comm: flat
-        try:
-            w_nc = Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
-        finally:
-            mpi_op._lazy.op = real_op
-    else:
-        w_nc = w
+    saved = os.environ.get("LABTOOLS_SHARDED_ADAM")
+    os.environ["LABTOOLS_SHARDED_ADAM"] = "0"
+    try:
+        w_rep = Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
+        real_lib = mpi_op._lazy.op
+        if real_lib is not None:
+            mpi_op._lazy.op = types.SimpleNamespace(labtools_allreduce=lambda flat, _comm: flat)
+            try:
+                w_nc = Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
+            finally:
+                mpi_op._lazy.op = real_lib
+        else:
+            w_nc = w_rep
+    finally:
+        os.environ.pop("LABTOOLS_SHARDED_ADAM") if saved is None else os.environ.__setitem__("LABTOOLS_SHARDED_ADAM", saved)
     real = comm.allreduce_inplace
 
     def step_no_comm():
@@ -76,6 +88,7 @@ def main():
     cases = {
         "local_step": lambda: [float(v) for v in w.local_step(x, y, k)],
         "allreduce_step": lambda: [np.asarray(v) for v in w.allreduce_step(x, y, k, inv)],
+        "allreduce_step_replicated_adam": lambda: [np.asarray(v) for v in w_rep.allreduce_step(x, y, k, inv)],
         "allreduce_step_no_comm": step_no_comm,
         "allreduce_only": lambda: comm.allreduce_inplace(buf),
     }
@@ -94,8 +107,9 @@ def main():
     if comm.is_root:
         base = ms["local_step"]
         out = {"ms_per_step": ms, "per_repeat_ms": per, "processes": comm.size, "batch_per_rank": 12,
-               "iters": a.iters, "n_params": w.n_params, "allreduce_impl": mpi_op.reason(),
+               "iters": a.iters, "n_params": w.n_params, "allreduce_impl": mpi_op.reason(), "sharded_adam": w.sharded,
                "overhead_pct": {"allreduce_step": 100 * (ms["allreduce_step"] - base) / base,
+                                "allreduce_step_replicated_adam": 100 * (ms["allreduce_step_replicated_adam"] - base) / base,
                                 "pack_unpack_only": 100 * (ms["allreduce_step_no_comm"] - base) / base,
                                 "allreduce_only": 100 * ms["allreduce_only"] / base},
                **provenance.sidecar(date_utc=provenance.utc_now())}

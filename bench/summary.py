@@ -47,11 +47,16 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
             if ar else [])
     out.append(("`--sync allreduce` step time over epoch-average, P = 2", _spread(over, lambda v: f"{100 * v:+.1f}%"),
                 "<= +10%", "allreduce_overhead_p2.json"))
-    before = (ar or {}).get("per_repeat", {}).get("allreduce, via mpi4py")
-    if before:  # the same, reduced through tf.numpy_function and mpi4py (the path before the in-graph op)
-        over = [b / a - 1 for a, b in zip(ar["per_repeat"]["epoch-average"], before)]
-        out.append(("the same, reduced through `tf.numpy_function` + mpi4py (`LABTOOLS_MPI_OP=0`, the earlier path)",
-                    _spread(over, lambda v: f"{100 * v:+.1f}%"), "(for comparison)", "allreduce_overhead_p2.json"))
+    for variant, label in (  # the earlier paths, measured in the same run (absent from older JSON)
+            ("allreduce, Adam replicated", "the same with Adam on every parameter in each process "
+             "(`LABTOOLS_SHARDED_ADAM=0`: pack, in-graph Allreduce, Adam; the earlier path)"),
+            ("allreduce, via mpi4py", "the same, reduced through `tf.numpy_function` + mpi4py "
+             "(`LABTOOLS_MPI_OP=0`, the path before the in-graph op)")):
+        before = (ar or {}).get("per_repeat", {}).get(variant)
+        if before:
+            over = [b / a - 1 for a, b in zip(ar["per_repeat"]["epoch-average"], before)]
+            out.append((label, _spread(over, lambda v: f"{100 * v:+.1f}%"), "(for comparison)",
+                        "allreduce_overhead_p2.json"))
     mem = _load(res, "memory.json") or {}
     np2 = mem.get("mpi_np2", {})
     mb = lambda v: f"{v:,.0f} MB"  # noqa: E731

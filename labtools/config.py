@@ -218,3 +218,12 @@ def steps_per_call() -> int:
     if n < 1:
         raise ConfigError(f"LABTOOLS_STEPS_PER_CALL must be a whole number of at least 1, not {raw!r}")
     return n
+
+
+def sharded_adam() -> bool:
+    """Shard the synchronous step's Adam over two processes (``$LABTOOLS_SHARDED_ADAM``, default on;
+    0 turns it off): a speed setting only, the numbers are the same either way."""
+    raw = os.environ.get("LABTOOLS_SHARDED_ADAM", "1")
+    if raw not in ("0", "1"):
+        raise ConfigError(f"LABTOOLS_SHARDED_ADAM must be 0 or 1, not {raw!r}")
+    return raw == "1"

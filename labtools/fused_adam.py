@@ -47,22 +47,36 @@ class FusedAdam:
         self.op = kernel()
 
     def update(self, grads):
-        opt, flat = self.opt, not isinstance(grads, (list, tuple))
+        flat = not isinstance(grads, (list, tuple))
         if self.op is None:
             parts = tf.split(grads, [int(np.prod(v.shape)) for v in self.tvars]) if flat else grads
             parts = [tf.reshape(g, v.shape) for g, v in zip(parts, self.tvars)]
-            opt.apply(parts, self.tvars)
+            self.opt.apply(parts, self.tvars)
             return tf.linalg.global_norm(parts)
+        sq = self.op(*self._handles(), [grads] if flat else list(grads), self._alpha(), self.c1, self.c2, self.eps)
+        return self._step_done(sq)
+
+    def sharded_update(self, grads, op, comm_f):
+        """The synchronous step's update with Adam sharded over the processes (``ops/mpi_allreduce.cc``,
+        LabtoolsShardedAdam): ``grads`` are this process's per-variable gradients (already scaled so
+        that their sum over processes is the mean); returns the global norm of that sum."""
+        return self._step_done(op(*self._handles(), list(grads), self._alpha(), self.c1, self.c2, self.eps, comm_f))
+
+    def _handles(self):
+        slots = list(zip(*self.slots))
+        return ([v.value.handle for v in self.tvars], [m.value.handle for m in slots[0]],
+                [v.value.handle for v in slots[1]])
+
+    def _alpha(self):
         # alpha exactly as Keras's Adam.update_step computes it (same ops, same float32 order)
+        opt = self.opt
         lr = tf.cast(opt.learning_rate, tf.float32)
         step = tf.cast(opt.iterations + 1, tf.float32)
         b1p = tf.pow(tf.cast(opt.beta_1, tf.float32), step)
         b2p = tf.pow(tf.cast(opt.beta_2, tf.float32), step)
-        alpha = lr * tf.sqrt(1 - b2p) / (1 - b1p)
-        slots = list(zip(*self.slots))
-        sq = self.op([v.value.handle for v in self.tvars], [m.value.handle for m in slots[0]],
-                     [v.value.handle for v in slots[1]], [grads] if flat else list(grads), alpha, self.c1,
-                     self.c2, self.eps)
+        return lr * tf.sqrt(1 - b2p) / (1 - b1p)
+
+    def _step_done(self, sq):
         with tf.control_dependencies([sq]):
-            opt.iterations.assign_add(1)
+            self.opt.iterations.assign_add(1)
         return tf.sqrt(sq)

@@ -6,6 +6,11 @@ mpi4py mapped, so the op and mpi4py share one MPI. It runs in the graph, on the 
 without a trip through Python. When it cannot be built (no compiler, no ``mpi.h`` beside the
 library, a system without ``/proc``), or with ``LABTOOLS_MPI_OP=0``, labtools reduces through
 ``tf.numpy_function`` and mpi4py instead: the same MPI call on the same buffer, so the same numbers.
+
+The same library holds the sharded synchronous Adam step used at two processes
+(``LabtoolsShardedAdam``, ``LabtoolsShardGather``; ``labtools.worker``): each process sums and
+updates its half of the parameters and sends the other its half of the new weights, straight from
+and into the variables. ``LABTOOLS_SHARDED_ADAM=0`` turns it off; the numbers are the same.
 """
 from __future__ import annotations
 
@@ -15,6 +20,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import tensorflow as tf
 
 from . import opbuild
@@ -53,7 +59,7 @@ def _include_dir(lib: Path) -> Path:
 def _load():
     lib = _loaded_libmpi()
     path = opbuild.build("mpi_allreduce", [f"-I{_include_dir(lib)}"], [str(lib), f"-Wl,-rpath,{lib.parent}"])
-    return tf.load_op_library(str(path)).labtools_allreduce
+    return tf.load_op_library(str(path))
 
 
 _lazy = opbuild.LazyOp("the in-graph Allreduce", "LABTOOLS_MPI_OP", "reducing through mpi4py", _load)
@@ -61,8 +67,38 @@ _lazy = opbuild.LazyOp("the in-graph Allreduce", "LABTOOLS_MPI_OP", "reducing th
 
 def allreduce_op():
     """The op, or None (then ``reason()`` says why)."""
-    return _lazy.get()
+    lib = _lazy.get()
+    return None if lib is None else lib.labtools_allreduce
+
+
+def sharded_ops():
+    """(sharded Adam step, shard gather) from the same library (``ops/mpi_allreduce.cc``), or None."""
+    lib = _lazy.get()
+    return None if lib is None else (lib.labtools_sharded_adam, lib.labtools_shard_gather)
 
 
 def reason() -> str:
-    return "in-graph op" if allreduce_op() is not None else f"mpi4py via numpy_function ({_lazy.why_not})"
+    return "in-graph op" if _lazy.get() is not None else f"mpi4py via numpy_function ({_lazy.why_not})"
+
+
+SHARD_GRAD_TAG = 7303  # LabtoolsShardedAdam's gradient messages (ops/mpi_allreduce.cc: kGradTag)
+
+
+def fail_sharded_step(c, n_params: int) -> None:
+    """A process that failed joins its peers' LabtoolsShardedAdam step as phase 1 would, with its
+    gradients zero and its failure flag set: the peers then fail the step with PEER_MARK instead of
+    waiting. ``c``: the mpi4py communicator whose handle the op was given."""
+    from mpi4py import MPI
+
+    P, me = c.Get_size(), c.Get_rank()
+    share = [n_params * q // P for q in range(P + 1)]  # the op's shares (n * q / P in int64)
+    bufs, reqs = [], []
+    for q in range(P):
+        if q == me:
+            continue
+        bufs.append(np.empty(share[me + 1] - share[me] + 1, np.float32))  # our share of q's gradients
+        reqs.append(c.Irecv(bufs[-1], source=q, tag=SHARD_GRAD_TAG))
+        bufs.append(np.zeros(share[q + 1] - share[q] + 1, np.float32))  # q's share of ours, and the flag
+        bufs[-1][-1] = 1.0
+        reqs.append(c.Isend(bufs[-1], dest=q, tag=SHARD_GRAD_TAG))
+    MPI.Request.Waitall(reqs)

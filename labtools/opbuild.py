@@ -36,7 +36,8 @@ def build(name: str, cflags: list[str] = (), ldflags: list[str] = ()) -> Path:
         raise RuntimeError("no C++ compiler (g++/c++ on PATH, or $CXX)")
     compile_flags = FLAGS + list(cflags) + tf.sysconfig.get_compile_flags()
     link_flags = tf.sysconfig.get_link_flags() + list(ldflags)
-    key = hashlib.sha256(b"\0".join([source.read_bytes(), tf.__version__.encode(), platform.machine().encode(),
+    headers = [h.read_bytes() for h in sorted(OPS.glob("*.h"))]  # included by the sources
+    key = hashlib.sha256(b"\0".join([source.read_bytes(), *headers, tf.__version__.encode(), platform.machine().encode(),
                                      " ".join(compile_flags + link_flags).encode(), cxx.encode()])).hexdigest()[:16]
     out = cache_dir() / f"{name}-{key}.so"
     if out.exists():

@@ -149,6 +149,7 @@ class AllReduce(Strategy):
         stats = {r: RankStats() for r in w.ranks}
         orders = {r: D.epoch_order(w.shards[r], epoch, w.cfg.seed, r, w.cfg.shuffle) for r in w.ranks}
         run_phase(w, self._steps, w, epoch, orders, stats)
+        w.gather_shards()  # every process agreed the epoch went well: all are here
         w.share_current()
         return stats, {"sync_s": 0.0, "syncs": w.steps_per_epoch, "divergence": 0.0}
 

@@ -19,7 +19,7 @@ import numpy as np
 from . import data as D
 from . import keeper, records
 from .comm import Comm, RankFailure, RunInterrupted, default_threads
-from .config import ConfigError, RunConfig, steps_per_call
+from .config import ConfigError, RunConfig, sharded_adam, steps_per_call
 from .metrics import is_at_chance, is_collapsed
 from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable, describe
 
@@ -105,12 +105,12 @@ def _say(cfg: RunConfig, line: str) -> None:
 
 # ---------------------------------------------------------------------- setup
 
-def _kernels(cfg: RunConfig, comm: Comm) -> dict:
+def _kernels(cfg: RunConfig, comm: Comm, w) -> dict:
     from . import fused_adam, mpi_op
 
     return {"adam": fused_adam.reason() if cfg.optimizer == "adam" else "none (SGD)",
             "allreduce": "none (no per-step Allreduce)" if cfg.sync != "allreduce" or comm.size == 1
-            else mpi_op.reason(),
+            else mpi_op.reason() + (", Adam sharded over the 2 processes" if w.sharded else ""),
             "steps_per_call": steps_per_call()}
 
 
@@ -120,7 +120,7 @@ def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[R
     launch = dict(world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
                   pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
                   mpi_library=comm.library_version(), n_train=len(w.ytr), n_eval=len(w.yte),
-                  steps_per_epoch=w.steps_per_epoch, threads=threads, kernels=_kernels(cfg, comm))
+                  steps_per_epoch=w.steps_per_epoch, threads=threads, kernels=_kernels(cfg, comm, w))
 
     def root_open():
         if resume is None:
@@ -221,7 +221,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     """Train with cfg on this process's logical ranks; return the run summary (on every process).
     ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one)."""
     cfg.validate()
-    steps_per_call()  # a bad $LABTOOLS_STEPS_PER_CALL is said before any work
+    steps_per_call(), sharded_adam()  # a bad $LABTOOLS_STEPS_PER_CALL / _SHARDED_ADAM is said before any work
     comm = comm or Comm()
     comm.wait_limit = cfg.wait_limit or None
     # before any work: --out can be written, or the run to resume can be continued

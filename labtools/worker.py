@@ -17,7 +17,7 @@ import tensorflow as tf
 from . import data as D
 from . import mpi_op
 from .comm import Comm
-from .config import RunConfig
+from .config import RunConfig, sharded_adam
 from .fused_adam import FusedAdam
 from .model import relu_probe, squeezenet_v1_1
 
@@ -238,6 +238,17 @@ class Worker:
         mpi = mpi_op.allreduce_op() if self.P > 1 and self.cfg.sync == "allreduce" else None
         comm_f = np.int64(self.comm.c.py2f()) if self.P > 1 else None
 
+        # Two processes: Adam sharded between them (ops/mpi_allreduce.cc, LabtoolsShardedAdam): each
+        # sums and updates half the parameters and sends the other its half of the new weights. The
+        # sum of two gradients is one addition, the same bits as MPI_Allreduce's, so the numbers do
+        # not change. More processes keep MPI's Allreduce, whose sum order is MPI's own (changing it
+        # would change last bits), and whose algorithms suit many hosts.
+        sharded = None
+        if mpi is not None and fused is not None and fused.op is not None and self.P == 2 and sharded_adam():
+            sharded = mpi_op.sharded_ops()
+        self._shard_gather = sharded[1] if sharded else None
+        self._fused, self._comm_f = fused, comm_f
+
         def reduce(flat):  # the sum over processes (one process: the buffer itself)
             if self.P == 1:
                 return flat
@@ -254,6 +265,8 @@ class Worker:
                 per, correct = forward(x, y, k, True)
                 total = tf.reduce_sum(per) * inv_global
             grads = tape.gradient(total, tvars)
+            if sharded is not None:
+                return per, correct, fused.sharded_update(grads, sharded[0], comm_f)
             flat = tf.concat([tf.reshape(g, [-1]) for g in grads] + [tf.zeros([1])], 0)
             red = reduce(flat)
             if fused is not None and fused.op is not None:
@@ -319,9 +332,26 @@ class Worker:
         """Samples all N ranks contribute to a synchronous step (known everywhere without talking)."""
         return int(np.clip(self.all_shard_sizes - step * self.b, 0, self.b).sum())
 
+    @property
+    def sharded(self) -> bool:
+        """Is the synchronous step's Adam sharded over the processes (LabtoolsShardedAdam)?"""
+        return self._shard_gather is not None
+
+    def gather_shards(self) -> None:
+        """After sharded synchronous steps: every process takes the others' shares of the Adam moments,
+        so the whole optimizer state is here again (for checkpoints and state swaps). Collective."""
+        if self.sharded:
+            with self.comm.waiting("the optimizer state's exchange"):
+                for j in (0, 1):  # first moments, then second
+                    self._shard_gather([slot[j].value.handle for slot in self._fused.slots], self._comm_f)
+
     def post_step_failure(self) -> None:
-        """Join the current step's Allreduce with the error flag set, so peers do not wait forever."""
-        self.comm.fail_step(self.n_params)
+        """Join the current step's exchange with the error flag set, so peers do not wait forever."""
+        if not self.sharded:
+            self.comm.fail_step(self.n_params)
+            return
+        with self.comm.waiting("a failed synchronous step's exchange"):
+            mpi_op.fail_sharded_step(self.comm.c, self.n_params)
 
     # ------------------------------------------------------------------ batches
     def batch(self, idx: np.ndarray, epoch: int):

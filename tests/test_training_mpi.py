@@ -118,6 +118,29 @@ def test_failing_rank_in_allreduce_ends_job_quickly(cifar_dir, tmp_path):
     assert "injected failure on rank 0 in epoch 1" in r.stderr
 
 
+def test_sharded_adam_changes_speed_not_numbers(cifar_dir, tmp_path):
+    """At P = 2 the synchronous step shards Adam (LabtoolsShardedAdam); with LABTOOLS_SHARDED_ADAM=0 it
+    packs, Allreduces and runs Adam on every parameter. After two epochs (the checkpoint a failure in
+    the third keeps) the weights and the Adam moments are bit-identical, and the failure, which met
+    its peer inside the sharded step's exchange, ended the job."""
+    got = {}
+    for on in ("1", "0"):
+        t = time.time()
+        r = run_mpi(2, ["train", "--np", "4", "--sync", "allreduce", "--limit-train", "500", "--limit-test", "100",
+                        "--epochs", "3", "--threads", "1", "--quiet", "--cifar-dir", cifar_dir, "--out", str(tmp_path),
+                        "--experiment", f"sharded{on}", "--inject-failure", "3:2"], env={"LABTOOLS_SHARDED_ADAM": on},
+                    timeout=300)
+        assert r.returncode != 0 and time.time() - t < 120, r.stderr[-3000:]
+        assert "injected failure on rank 3 in epoch 2" in r.stderr
+        d = next((tmp_path / f"sharded{on}").glob("*/manifest.json")).parent
+        kernels = json.loads((d / "manifest.json").read_text())["kernels"]["allreduce"]
+        assert ("Adam sharded" in kernels) == (on == "1"), kernels
+        with np.load(d / "checkpoint.npz", allow_pickle=True) as z:
+            got[on] = [z[k] for k in sorted(z.files) if k != "meta"]  # weights; Adam's iterations, moments
+    assert len(got["1"]) == len(got["0"]) >= 2
+    assert all(np.array_equal(a, b) for a, b in zip(got["1"], got["0"]))
+
+
 def test_bad_arguments_fail_before_training(cifar_dir, tmp_path):
     r = run_mpi(2, ["train", "--np", "3", "--cifar-dir", cifar_dir, "--out", str(tmp_path)], timeout=120)
     assert r.returncode == 2 and "not a multiple of the 2 MPI processes" in r.stderr

@@ -272,3 +272,15 @@ def test_steps_per_call_bad_value_is_one_sentence(raw, monkeypatch):
         steps_per_call()
     monkeypatch.setenv("LABTOOLS_STEPS_PER_CALL", "7")
     assert steps_per_call() == 7
+
+
+@pytest.mark.parametrize("raw", ["2", "yes", ""])
+def test_sharded_adam_bad_value_is_one_sentence(raw, monkeypatch):
+    from labtools.config import sharded_adam
+
+    monkeypatch.setenv("LABTOOLS_SHARDED_ADAM", raw)
+    with pytest.raises(ConfigError, match=r"LABTOOLS_SHARDED_ADAM must be 0 or 1, not"):
+        sharded_adam()
+    for raw, on in (("0", False), ("1", True)):
+        monkeypatch.setenv("LABTOOLS_SHARDED_ADAM", raw)
+        assert sharded_adam() is on

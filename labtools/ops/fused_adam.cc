@@ -18,6 +18,8 @@
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/kernels/training_op_helpers.h"
 
+#include "adam_update.h"
+
 using namespace tensorflow;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
@@ -34,25 +36,6 @@ REGISTER_OP("LabtoolsAdamUpdate")
     .Input("eps: float")
     .Output("sumsq: float")
     .SetShapeFn(shape_inference::ScalarShape);
-
-// One clone per vector width (AVX-512, AVX2, SSE2), chosen when the library loads: wider lanes do the
-// same IEEE float32 operations on each element, so every clone gives the same bits.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-static double adam_update(const float* g, float* w, float* mp, float* vp, int64_t n, float alpha,
-                          float c1, float c2, float eps) {
-  double sumsq = 0.0;  // a statistic, not state: its summation order may differ from TF's
-#pragma omp simd reduction(+ : sumsq)
-  for (int64_t i = 0; i < n; ++i) {  // SIMD lanes do IEEE float32 math, element by element
-    const float gi = g[i];
-    sumsq += static_cast<double>(gi) * gi;
-    const float mi = mp[i] + (gi - mp[i]) * c1;
-    const float vi = vp[i] + (gi * gi - vp[i]) * c2;
-    mp[i] = mi;
-    vp[i] = vi;
-    w[i] = w[i] - (mi * alpha) / (std::sqrt(vi) + eps);
-  }
-  return sumsq;
-}
 
 class LabtoolsAdamUpdateOp : public OpKernel {
  public:

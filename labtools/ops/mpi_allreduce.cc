@@ -7,15 +7,23 @@
 // The communicator arrives as its Fortran handle (mpi4py's Comm.py2f()), which every MPI converts
 // back with MPI_Comm_f2c. The buffer's last element is the failure flag (labtools.comm.fail_step): a
 // peer that failed joins the Allreduce with it set, and this op then fails with PEER_MARK.
+#define EIGEN_USE_THREADS  // training_op_helpers.h instantiates the CPU (thread pool) device
 #include <mpi.h>
 
+#include <algorithm>
 #include <cstring>
+#include <string>
+#include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
 #include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/kernels/training_op_helpers.h"
+
+#include "adam_update.h"
 
 using namespace tensorflow;
+using CPUDevice = Eigen::ThreadPoolDevice;
 
 REGISTER_OP("LabtoolsAllreduce")
     .Input("buf: float")
@@ -49,3 +57,274 @@ class LabtoolsAllreduceOp : public OpKernel {
 };
 
 REGISTER_KERNEL_BUILDER(Name("LabtoolsAllreduce").Device(DEVICE_CPU), LabtoolsAllreduceOp);
+
+// ---------------------------------------------------------------------------------------------------
+// The synchronous Adam step with the optimizer sharded over the P processes (ZeRO stage 1, in flight).
+//
+// Process q owns elements [n*q/P, n*(q+1)/P) of the parameters laid end to end in variable order.
+//   1. Each process sends every peer the peer's share of its gradients, straight from the gradient
+//      tensors (an MPI datatype addressing them: no concat, no packing copy), plus its failure flag.
+//   2. It sums its own share over the processes in rank order (at P = 2 one addition, which is
+//      commutative: the bits of MPI_Allreduce's sum) and runs Adam on that share only.
+//   3. It sends its updated weights to every peer, which receives them straight into its variables.
+// So a process adds and updates 1/P of the parameters instead of all of them, and nothing is copied
+// to build a flat buffer. The Adam moments of the other shares go stale on this process until
+// LabtoolsShardGather brings them back (once per epoch, before anyone reads them).
+// A peer that failed sends its flag set (labtools.worker.Worker.post_step_failure); then every
+// process fails the step with PEER_MARK after phase 1, before any weight moves.
+namespace {
+
+constexpr int kGradTag = 7303, kWeightTag = 7304, kNormTag = 7305, kStateTag = 7306;  // labtools/worker.py
+
+struct Span {
+  float* p;
+  int64_t n;
+};
+
+int64_t share_start(int64_t n, int q, int P) { return n * q / P; }
+
+// The parts of the buffers, laid end to end, that fall in [lo, hi).
+std::vector<Span> spans_in(const std::vector<Span>& bufs, int64_t lo, int64_t hi) {
+  std::vector<Span> out;
+  int64_t off = 0;
+  for (const Span& b : bufs) {
+    const int64_t a = std::max(lo, off), e = std::min(hi, off + b.n);
+    if (a < e) out.push_back({b.p + (a - off), e - a});
+    off += b.n;
+  }
+  return out;
+}
+
+// One datatype addressing those spans at their absolute addresses (used with MPI_BOTTOM).
+MPI_Datatype type_of(const std::vector<Span>& spans) {
+  std::vector<int> len;
+  std::vector<MPI_Aint> at;
+  for (const Span& s : spans) {
+    MPI_Aint a;
+    MPI_Get_address(s.p, &a);
+    len.push_back(static_cast<int>(s.n));
+    at.push_back(a);
+  }
+  MPI_Datatype t;
+  MPI_Type_create_hindexed(static_cast<int>(len.size()), len.data(), at.data(), MPI_FLOAT, &t);
+  MPI_Type_commit(&t);
+  return t;
+}
+
+// Posts the sends and receives, waits for all of them, frees the datatypes.
+class Exchange {
+ public:
+  explicit Exchange(MPI_Comm comm) : comm_(comm) {}
+  void recv(void* buf, int count, MPI_Datatype t, int from, int tag, bool owned = false) {
+    reqs_.emplace_back();
+    MPI_Irecv(buf, count, t, from, tag, comm_, &reqs_.back());
+    if (owned) types_.push_back(t);
+  }
+  void send(const void* buf, int count, MPI_Datatype t, int to, int tag, bool owned = false) {
+    reqs_.emplace_back();
+    MPI_Isend(buf, count, t, to, tag, comm_, &reqs_.back());
+    if (owned) types_.push_back(t);
+  }
+  int wait() {
+    const int rc = MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), MPI_STATUSES_IGNORE);
+    for (MPI_Datatype& t : types_) MPI_Type_free(&t);
+    reqs_.clear();
+    types_.clear();
+    return rc;
+  }
+
+ private:
+  MPI_Comm comm_;
+  std::vector<MPI_Request> reqs_;
+  std::vector<MPI_Datatype> types_;
+};
+
+MPI_Comm comm_of(OpKernelContext* ctx, int input) {
+  return MPI_Comm_f2c(static_cast<MPI_Fint>(ctx->input(input).scalar<int64_t>()()));
+}
+
+}  // namespace
+
+REGISTER_OP("LabtoolsShardedAdam")
+    .Attr("N: int >= 1")
+    .Input("var: N * resource")
+    .Input("m: N * resource")
+    .Input("v: N * resource")
+    .Input("grad: N * float")
+    .Input("alpha: float")
+    .Input("c1: float")
+    .Input("c2: float")
+    .Input("eps: float")
+    .Input("comm_f: int64")
+    .Output("sumsq: float")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::ScalarShape);
+
+class LabtoolsShardedAdamOp : public OpKernel {
+ public:
+  explicit LabtoolsShardedAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    std::vector<int> ids(3 * n_);
+    for (int i = 0; i < 3 * n_; ++i) ids[i] = i;
+    auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, true, false, ids);
+    const float alpha = ctx->input(4 * n_).scalar<float>()();
+    const float c1 = ctx->input(4 * n_ + 1).scalar<float>()();
+    const float c2 = ctx->input(4 * n_ + 2).scalar<float>()();
+    const float eps = ctx->input(4 * n_ + 3).scalar<float>()();
+    const MPI_Comm comm = comm_of(ctx, 4 * n_ + 4);
+    int P, me;
+    MPI_Comm_size(comm, &P);
+    MPI_Comm_rank(comm, &me);
+
+    std::vector<Span> W, M, V, G;
+    std::vector<Tensor> held(3 * n_);  // keeps the variables' buffers alive
+    for (int i = 0; i < n_; ++i) {
+      for (int j = 0; j < 3; ++j)
+        OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, j * n_ + i, true, false,
+                                                                        &held[j * n_ + i]));
+      const int64_t n = held[i].NumElements();
+      const Tensor& g = ctx->input(3 * n_ + i);
+      OP_REQUIRES(ctx, held[n_ + i].NumElements() == n && held[2 * n_ + i].NumElements() == n && g.NumElements() == n,
+                  absl::InvalidArgumentError("m, v and the gradient must have the variable's size"));
+      W.push_back({held[i].flat<float>().data(), n});
+      M.push_back({held[n_ + i].flat<float>().data(), n});
+      V.push_back({held[2 * n_ + i].flat<float>().data(), n});
+      G.push_back({const_cast<float*>(g.flat<float>().data()), n});  // only read (sent, summed)
+    }
+    int64_t total = 0;
+    for (const Span& s : W) total += s.n;
+    const int64_t lo = share_start(total, me, P), hi = share_start(total, me + 1, P), mine = hi - lo;
+    OP_REQUIRES(ctx, mine + 1 <= INT32_MAX, absl::InvalidArgumentError("a share is out of MPI's int range"));
+
+    // 1. gradients: each peer's share to it, ours from each peer (with the failure flags)
+    recv_.resize(static_cast<size_t>(P) * (mine + 1));
+    float flag = 0.0f;
+    Exchange x(comm);
+    for (int q = 0; q < P; ++q)
+      if (q != me) x.recv(recv_.data() + q * (mine + 1), static_cast<int>(mine + 1), MPI_FLOAT, q, kGradTag);
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      std::vector<Span> s = spans_in(G, share_start(total, q, P), share_start(total, q + 1, P));
+      s.push_back({&flag, 1});
+      x.send(MPI_BOTTOM, 1, type_of(s), q, kGradTag, true);
+    }
+    OP_REQUIRES(ctx, x.wait() == MPI_SUCCESS, absl::InternalError("the gradient exchange failed"));
+    float failed = 0.0f;
+    for (int q = 0; q < P; ++q)
+      if (q != me) failed += recv_[q * (mine + 1) + mine];
+    OP_REQUIRES(ctx, !(failed > 0.0f),
+                absl::AbortedError("LABTOOLS_PEER_FAILED: " + std::to_string(static_cast<int>(failed)) +
+                                   " process(es) failed during a synchronous step"));
+
+    // 2. our share's sum, in rank order, then Adam on it
+    sum_.resize(mine);
+    const std::vector<Span> own = spans_in(G, lo, hi);
+    for (int q = 0; q < P; ++q) {
+      float* d = sum_.data();
+      auto add = [&](const float* s, int64_t n) {
+        if (q == 0) std::copy(s, s + n, d);
+        else
+          for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+        d += n;
+      };
+      if (q == me)
+        for (const Span& s : own) add(s.p, s.n);
+      else
+        add(recv_.data() + q * (mine + 1), mine);
+    }
+    double sumsq = 0.0;
+    int64_t off = 0;
+    for (int i = 0; i < n_; ++i) {
+      const int64_t a = std::max(lo, off), e = std::min(hi, off + W[i].n);
+      if (a < e)
+        sumsq += adam_update(sum_.data() + (a - lo), W[i].p + (a - off), M[i].p + (a - off), V[i].p + (a - off),
+                             e - a, alpha, c1, c2, eps);
+      off += W[i].n;
+    }
+
+    // 3. weights: ours to every peer, theirs straight into our variables; the norm's parts likewise
+    std::vector<double> parts(P, 0.0);
+    parts[me] = sumsq;
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      x.recv(MPI_BOTTOM, 1, type_of(spans_in(W, share_start(total, q, P), share_start(total, q + 1, P))), q,
+             kWeightTag, true);
+      x.recv(&parts[q], 1, MPI_DOUBLE, q, kNormTag);
+    }
+    const MPI_Datatype ours = type_of(spans_in(W, lo, hi));
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      x.send(MPI_BOTTOM, 1, ours, q, kWeightTag);
+      x.send(&sumsq, 1, MPI_DOUBLE, q, kNormTag);
+    }
+    const int rc = x.wait();
+    MPI_Datatype t = ours;
+    MPI_Type_free(&t);
+    OP_REQUIRES(ctx, rc == MPI_SUCCESS, absl::InternalError("the weight exchange failed"));
+    double all = 0.0;
+    for (double p : parts) all += p;
+    Tensor* out = nullptr;
+    OP_REQUIRES_OK(ctx, ctx->allocate_output(0, TensorShape({}), &out));
+    out->scalar<float>()() = static_cast<float>(all);
+  }
+
+ private:
+  int n_ = 0;
+  std::vector<float> recv_, sum_;  // reused across steps (one step at a time per op)
+};
+
+REGISTER_KERNEL_BUILDER(Name("LabtoolsShardedAdam").Device(DEVICE_CPU), LabtoolsShardedAdamOp);
+
+// Brings every process's share of the given variables (the Adam moments) to every process, in place:
+// after it, each process holds the whole optimizer state again.
+REGISTER_OP("LabtoolsShardGather")
+    .Attr("N: int >= 1")
+    .Input("var: N * resource")
+    .Input("comm_f: int64")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::NoOutputs);
+
+class LabtoolsShardGatherOp : public OpKernel {
+ public:
+  explicit LabtoolsShardGatherOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
+    OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+  }
+
+  void Compute(OpKernelContext* ctx) override {
+    std::vector<int> ids(n_);
+    for (int i = 0; i < n_; ++i) ids[i] = i;
+    auto locks = MaybeLockVariableInputMutexesInOrder<CPUDevice, float>(ctx, true, false, ids);
+    const MPI_Comm comm = comm_of(ctx, n_);
+    int P, me;
+    MPI_Comm_size(comm, &P);
+    MPI_Comm_rank(comm, &me);
+    std::vector<Tensor> held(n_);
+    std::vector<Span> X;
+    int64_t total = 0;
+    for (int i = 0; i < n_; ++i) {
+      OP_REQUIRES_OK(ctx, GetInputTensorFromVariable<CPUDevice, float>(ctx, i, true, false, &held[i]));
+      X.push_back({held[i].flat<float>().data(), held[i].NumElements()});
+      total += held[i].NumElements();
+    }
+    Exchange x(comm);
+    for (int q = 0; q < P; ++q)
+      if (q != me)
+        x.recv(MPI_BOTTOM, 1, type_of(spans_in(X, share_start(total, q, P), share_start(total, q + 1, P))), q,
+               kStateTag, true);
+    const MPI_Datatype ours = type_of(spans_in(X, share_start(total, me, P), share_start(total, me + 1, P)));
+    for (int q = 0; q < P; ++q)
+      if (q != me) x.send(MPI_BOTTOM, 1, ours, q, kStateTag);
+    const int rc = x.wait();
+    MPI_Datatype t = ours;
+    MPI_Type_free(&t);
+    OP_REQUIRES(ctx, rc == MPI_SUCCESS, absl::InternalError("the optimizer state exchange failed"));
+  }
+
+ private:
+  int n_ = 0;
+};
+
+REGISTER_KERNEL_BUILDER(Name("LabtoolsShardGather").Device(DEVICE_CPU), LabtoolsShardGatherOp);
