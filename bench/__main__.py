@@ -3,7 +3,8 @@
 Runs, in this order, each writing its JSON under bench/results/:
   step      bench/step_speed.py          labtools train vs Keras fit, P = 2 efficiency
   bound     bench/step_bound.py          forward+backward alone vs fit: the most any step could gain
-  allreduce bench/allreduce_overhead.py  --sync allreduce vs epoch-average at P = 2
+  allreduce bench/allreduce_overhead.py  --sync allreduce vs epoch-average at P = 2, separate runs
+  syncstep  bench/allreduce_interleaved.py  the same steps in the same two processes, interleaved
   memory    bench/memory.py              peak RSS / PSS / USS per rank, engine memory over 5 runs
   sync      bench/sync_costs.py          MPI alpha, beta here and on emulated 1 Gbit/s hosts (root)
   model     bench/perfmodel_report.py    the cluster model: paper Table 2 predicted, model vs here
@@ -29,12 +30,14 @@ STEPS = {
     "step": ["bench/step_speed.py", "--repeats", "5"],
     "bound": ["bench/step_bound.py", "--repeats", "3"],
     "allreduce": ["bench/allreduce_overhead.py", "--processes", "2", "--steps", "400", "--epochs", "3", "--repeats", "4"],
+    "syncstep": ["bench/allreduce_interleaved.py", "--processes", "2", "--blocks", "120", "--calls", "1"],
     "memory": ["bench/memory.py"],
     "sync": ["bench/sync_costs.py"],
     "model": ["bench/perfmodel_report.py"],
     "newcomer": ["bench/newcomer.py"],
 }
-QUICK = {"step": ["--repeats", "1", "--images", "2400"], "bound": ["--repeats", "1", "--images", "1200"], "allreduce": ["--repeats", "1", "--steps", "200"]}
+QUICK = {"step": ["--repeats", "1", "--images", "2400"], "bound": ["--repeats", "1", "--images", "1200"], "allreduce": ["--repeats", "1", "--steps", "200"],
+         "syncstep": ["--blocks", "6"]}
 
 
 def main(argv=None) -> int:

@@ -104,7 +104,7 @@ def main():
 
 
 def _per_call() -> int:
-    from labtools.worker import steps_per_call
+    from labtools.config import steps_per_call
 
     return steps_per_call()
 

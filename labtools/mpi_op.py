@@ -84,21 +84,36 @@ def reason() -> str:
 SHARD_GRAD_TAG = 7303  # LabtoolsShardedAdam's gradient messages (ops/mpi_allreduce.cc: kGradTag)
 
 
-def fail_sharded_step(c, n_params: int) -> None:
-    """A process that failed joins its peers' LabtoolsShardedAdam step as phase 1 would, with its
-    gradients zero and its failure flag set: the peers then fail the step with PEER_MARK instead of
-    waiting. ``c``: the mpi4py communicator whose handle the op was given."""
+def _pieces(sizes: list[int], lo: int, hi: int) -> list[int]:
+    """Sizes of the pieces of the variables (laid end to end) in [lo, hi): the op's spans_in."""
+    out, off = [], 0
+    for n in sizes:
+        a, e = max(lo, off), min(hi, off + n)
+        if a < e:
+            out.append(e - a)
+        off += n
+    return out
+
+
+def fail_sharded_step(c, sizes: list[int]) -> None:
+    """A process that failed joins its peers' LabtoolsShardedAdam step as phase 1 would: the same
+    messages (one per variable piece of each peer's share, then the flag), its gradients zero and its
+    failure flag set; the peers then fail the step with PEER_MARK instead of waiting. ``c``: the mpi4py
+    communicator whose handle the op was given; ``sizes``: the variables' sizes, in order."""
     from mpi4py import MPI
 
-    P, me = c.Get_size(), c.Get_rank()
-    share = [n_params * q // P for q in range(P + 1)]  # the op's shares (n * q / P in int64)
-    bufs, reqs = [], []
+    P, me, total = c.Get_size(), c.Get_rank(), sum(sizes)
+    share = [total * q // P for q in range(P + 1)]  # the op's shares (n * q / P in int64)
+    keep, reqs = [], []
     for q in range(P):
         if q == me:
             continue
-        bufs.append(np.empty(share[me + 1] - share[me] + 1, np.float32))  # our share of q's gradients
-        reqs.append(c.Irecv(bufs[-1], source=q, tag=SHARD_GRAD_TAG))
-        bufs.append(np.zeros(share[q + 1] - share[q] + 1, np.float32))  # q's share of ours, and the flag
-        bufs[-1][-1] = 1.0
-        reqs.append(c.Isend(bufs[-1], dest=q, tag=SHARD_GRAD_TAG))
+        for n in _pieces(sizes, share[me], share[me + 1]) + [1]:  # our share of q's gradients, q's flag
+            keep.append(np.empty(n, np.float32))
+            reqs.append(c.Irecv(keep[-1], source=q, tag=SHARD_GRAD_TAG))
+        for n in _pieces(sizes, share[q], share[q + 1]):  # q's share of ours
+            keep.append(np.zeros(n, np.float32))
+            reqs.append(c.Isend(keep[-1], dest=q, tag=SHARD_GRAD_TAG))
+        keep.append(np.ones(1, np.float32))  # our flag
+        reqs.append(c.Isend(keep[-1], dest=q, tag=SHARD_GRAD_TAG))
     MPI.Request.Waitall(reqs)

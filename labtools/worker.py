@@ -351,7 +351,7 @@ class Worker:
             self.comm.fail_step(self.n_params)
             return
         with self.comm.waiting("a failed synchronous step's exchange"):
-            mpi_op.fail_sharded_step(self.comm.c, self.n_params)
+            mpi_op.fail_sharded_step(self.comm.c, self.sizes)
 
     # ------------------------------------------------------------------ batches
     def batch(self, idx: np.ndarray, epoch: int):

@@ -94,7 +94,7 @@ checks["moments"] = all(np.array_equal(x.numpy(), e) for X, E in ((M, ref_m), (V
 # and no weight moves
 before = [x.numpy() for x in W]
 if r == 1:
-    mpi_op.fail_sharded_step(c, sum(int(np.prod(s)) for s in shapes))
+    mpi_op.fail_sharded_step(c, [int(np.prod(s)) for s in shapes])
     said = "FAILED"
 else:
     try:

@@ -8,22 +8,38 @@
 #include <cmath>
 #include <cstdint>
 
+// One element: m, v and w updated in place; returns g*g (for the gradient norm).
+static inline __attribute__((always_inline)) double adam_element(const float gi, float* w, float* mp, float* vp,
+                                                                 const float alpha, const float c1, const float c2,
+                                                                 const float eps) {
+  const float mi = *mp + (gi - *mp) * c1;
+  const float vi = *vp + (gi * gi - *vp) * c2;
+  *mp = mi;
+  *vp = vi;
+  *w = *w - (mi * alpha) / (std::sqrt(vi) + eps);
+  return static_cast<double>(gi) * gi;
+}
+
 // One clone per vector width (AVX-512, AVX2, SSE2), chosen when the library loads: wider lanes do the
-// same IEEE float32 operations on each element, so every clone gives the same bits.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+// same IEEE float32 operations on each element, so every clone gives the same bits. The sum of g*g is
+// a statistic, not state: its summation order may differ from TensorFlow's.
+__attribute__((target_clones("avx512f", "avx2", "default"), unused))
 static double adam_update(const float* g, float* w, float* mp, float* vp, int64_t n, float alpha,
                           float c1, float c2, float eps) {
-  double sumsq = 0.0;  // a statistic, not state: its summation order may differ from TF's
+  double sumsq = 0.0;
 #pragma omp simd reduction(+ : sumsq)
-  for (int64_t i = 0; i < n; ++i) {  // SIMD lanes do IEEE float32 math, element by element
-    const float gi = g[i];
-    sumsq += static_cast<double>(gi) * gi;
-    const float mi = mp[i] + (gi - mp[i]) * c1;
-    const float vi = vp[i] + (gi * gi - vp[i]) * c2;
-    mp[i] = mi;
-    vp[i] = vi;
-    w[i] = w[i] - (mi * alpha) / (std::sqrt(vi) + eps);
-  }
+  for (int64_t i = 0; i < n; ++i) sumsq += adam_element(g[i], w + i, mp + i, vp + i, alpha, c1, c2, eps);
+  return sumsq;
+}
+
+// The same on the sum of two gradients, a + b (one float32 addition, as MPI's sum of two), without
+// writing the sum out first.
+__attribute__((target_clones("avx512f", "avx2", "default"), unused))
+static double adam_update_sum2(const float* a, const float* b, float* w, float* mp, float* vp, int64_t n,
+                               float alpha, float c1, float c2, float eps) {
+  double sumsq = 0.0;
+#pragma omp simd reduction(+ : sumsq)
+  for (int64_t i = 0; i < n; ++i) sumsq += adam_element(a[i] + b[i], w + i, mp + i, vp + i, alpha, c1, c2, eps);
   return sumsq;
 }
 

@@ -63,18 +63,22 @@ REGISTER_KERNEL_BUILDER(Name("LabtoolsAllreduce").Device(DEVICE_CPU), LabtoolsAl
 //
 // Process q owns elements [n*q/P, n*(q+1)/P) of the parameters laid end to end in variable order.
 //   1. Each process sends every peer the peer's share of its gradients, straight from the gradient
-//      tensors (an MPI datatype addressing them: no concat, no packing copy), plus its failure flag.
-//   2. It sums its own share over the processes in rank order (at P = 2 one addition, which is
-//      commutative: the bits of MPI_Allreduce's sum) and runs Adam on that share only.
+//      tensors (one message per variable piece: contiguous on both sides, so MPICH copies it once,
+//      process to process, and nothing is packed), then its failure flag.
+//   2. It adds the peers' pieces of its share to its own, in rank order (at P = 2 one addition, which is
+//      commutative: the bits of MPI_Allreduce's sum; made inside Adam's loop), and runs Adam on its
+//      share only.
 //   3. It sends its updated weights to every peer, which receives them straight into its variables.
-// So a process adds and updates 1/P of the parameters instead of all of them, and nothing is copied
-// to build a flat buffer. The Adam moments of the other shares go stale on this process until
+// So a process updates 1/P of the parameters instead of all of them, and no flat buffer is built.
+// Measured here at P = 2 (16 steps per graph call): the op took 0.95 ms where Adam alone took 0.73 ms
+// and concat + Allreduce + Adam 1.51 ms; a first version (one derived datatype per peer, which MPICH
+// packs instead of copying once, and a separate sum pass) took 1.6-1.8 ms. The Adam moments of the other shares go stale on this process until
 // LabtoolsShardGather brings them back (once per epoch, before anyone reads them).
-// A peer that failed sends its flag set (labtools.worker.Worker.post_step_failure); then every
-// process fails the step with PEER_MARK after phase 1, before any weight moves.
+// A peer that failed sends the same messages with its flag set (labtools.mpi_op.fail_sharded_step);
+// then every process fails the step with PEER_MARK after phase 1, before any weight moves.
 namespace {
 
-constexpr int kGradTag = 7303, kWeightTag = 7304, kNormTag = 7305, kStateTag = 7306;  // labtools/worker.py
+constexpr int kGradTag = 7303, kWeightTag = 7304, kNormTag = 7305, kStateTag = 7306;  // labtools/mpi_op.py
 
 struct Span {
   float* p;
@@ -95,48 +99,27 @@ std::vector<Span> spans_in(const std::vector<Span>& bufs, int64_t lo, int64_t hi
   return out;
 }
 
-// One datatype addressing those spans at their absolute addresses (used with MPI_BOTTOM).
-MPI_Datatype type_of(const std::vector<Span>& spans) {
-  std::vector<int> len;
-  std::vector<MPI_Aint> at;
-  for (const Span& s : spans) {
-    MPI_Aint a;
-    MPI_Get_address(s.p, &a);
-    len.push_back(static_cast<int>(s.n));
-    at.push_back(a);
-  }
-  MPI_Datatype t;
-  MPI_Type_create_hindexed(static_cast<int>(len.size()), len.data(), at.data(), MPI_FLOAT, &t);
-  MPI_Type_commit(&t);
-  return t;
-}
-
-// Posts the sends and receives, waits for all of them, frees the datatypes.
+// Posts the sends and receives, then waits for all of them.
 class Exchange {
  public:
   explicit Exchange(MPI_Comm comm) : comm_(comm) {}
-  void recv(void* buf, int count, MPI_Datatype t, int from, int tag, bool owned = false) {
+  void recv(void* buf, int count, MPI_Datatype t, int from, int tag) {
     reqs_.emplace_back();
     MPI_Irecv(buf, count, t, from, tag, comm_, &reqs_.back());
-    if (owned) types_.push_back(t);
   }
-  void send(const void* buf, int count, MPI_Datatype t, int to, int tag, bool owned = false) {
+  void send(const void* buf, int count, MPI_Datatype t, int to, int tag) {
     reqs_.emplace_back();
     MPI_Isend(buf, count, t, to, tag, comm_, &reqs_.back());
-    if (owned) types_.push_back(t);
   }
   int wait() {
     const int rc = MPI_Waitall(static_cast<int>(reqs_.size()), reqs_.data(), MPI_STATUSES_IGNORE);
-    for (MPI_Datatype& t : types_) MPI_Type_free(&t);
     reqs_.clear();
-    types_.clear();
     return rc;
   }
 
  private:
   MPI_Comm comm_;
   std::vector<MPI_Request> reqs_;
-  std::vector<MPI_Datatype> types_;
 };
 
 MPI_Comm comm_of(OpKernelContext* ctx, int input) {
@@ -203,13 +186,22 @@ class LabtoolsShardedAdamOp : public OpKernel {
     recv_.resize(static_cast<size_t>(P) * (mine + 1));
     float flag = 0.0f;
     Exchange x(comm);
-    for (int q = 0; q < P; ++q)
-      if (q != me) x.recv(recv_.data() + q * (mine + 1), static_cast<int>(mine + 1), MPI_FLOAT, q, kGradTag);
+    // one message per variable piece, straight from the gradient tensors, then the flag; in order
+    const std::vector<Span> mine_shape = spans_in(G, lo, hi);  // the pieces' sizes, as every peer cuts them
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;
-      std::vector<Span> s = spans_in(G, share_start(total, q, P), share_start(total, q + 1, P));
-      s.push_back({&flag, 1});
-      x.send(MPI_BOTTOM, 1, type_of(s), q, kGradTag, true);
+      float* d = recv_.data() + q * (mine + 1);
+      for (const Span& s : mine_shape) {
+        x.recv(d, static_cast<int>(s.n), MPI_FLOAT, q, kGradTag);
+        d += s.n;
+      }
+      x.recv(d, 1, MPI_FLOAT, q, kGradTag);
+    }
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      for (const Span& s : spans_in(G, share_start(total, q, P), share_start(total, q + 1, P)))
+        x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kGradTag);
+      x.send(&flag, 1, MPI_FLOAT, q, kGradTag);
     }
     OP_REQUIRES(ctx, x.wait() == MPI_SUCCESS, absl::InternalError("the gradient exchange failed"));
     float failed = 0.0f;
@@ -219,50 +211,60 @@ class LabtoolsShardedAdamOp : public OpKernel {
                 absl::AbortedError("LABTOOLS_PEER_FAILED: " + std::to_string(static_cast<int>(failed)) +
                                    " process(es) failed during a synchronous step"));
 
-    // 2. our share's sum, in rank order, then Adam on it
-    sum_.resize(mine);
-    const std::vector<Span> own = spans_in(G, lo, hi);
-    for (int q = 0; q < P; ++q) {
-      float* d = sum_.data();
-      auto add = [&](const float* s, int64_t n) {
-        if (q == 0) std::copy(s, s + n, d);
+    // 2. our share's sum, in rank order, then Adam on it (at P = 2 the sum is made inside Adam's loop)
+    const auto from = [&](int q, int i, int64_t a, int64_t off) -> const float* {  // q's gradient at a
+      return q == me ? G[i].p + (a - off) : recv_.data() + q * (mine + 1) + (a - lo);
+    };
+    if (P > 2) {
+      sum_.resize(mine);
+      const std::vector<Span> own = spans_in(G, lo, hi);
+      for (int q = 0; q < P; ++q) {
+        float* d = sum_.data();
+        auto add = [&](const float* s, int64_t n) {
+          if (q == 0) std::copy(s, s + n, d);
+          else
+            for (int64_t i = 0; i < n; ++i) d[i] += s[i];
+          d += n;
+        };
+        if (q == me)
+          for (const Span& s : own) add(s.p, s.n);
         else
-          for (int64_t i = 0; i < n; ++i) d[i] += s[i];
-        d += n;
-      };
-      if (q == me)
-        for (const Span& s : own) add(s.p, s.n);
-      else
-        add(recv_.data() + q * (mine + 1), mine);
+          add(recv_.data() + q * (mine + 1), mine);
+      }
     }
     double sumsq = 0.0;
     int64_t off = 0;
     for (int i = 0; i < n_; ++i) {
       const int64_t a = std::max(lo, off), e = std::min(hi, off + W[i].n);
-      if (a < e)
-        sumsq += adam_update(sum_.data() + (a - lo), W[i].p + (a - off), M[i].p + (a - off), V[i].p + (a - off),
-                             e - a, alpha, c1, c2, eps);
+      if (a < e) {
+        float *w = W[i].p + (a - off), *m = M[i].p + (a - off), *v = V[i].p + (a - off);
+        if (P == 1)
+          sumsq += adam_update(from(0, i, a, off), w, m, v, e - a, alpha, c1, c2, eps);
+        else if (P == 2)
+          sumsq += adam_update_sum2(from(0, i, a, off), from(1, i, a, off), w, m, v, e - a, alpha, c1, c2, eps);
+        else
+          sumsq += adam_update(sum_.data() + (a - lo), w, m, v, e - a, alpha, c1, c2, eps);
+      }
       off += W[i].n;
     }
 
     // 3. weights: ours to every peer, theirs straight into our variables; the norm's parts likewise
     std::vector<double> parts(P, 0.0);
     parts[me] = sumsq;
+    // one message per variable piece, contiguous in both processes (MPI's single-copy path), in order
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;
-      x.recv(MPI_BOTTOM, 1, type_of(spans_in(W, share_start(total, q, P), share_start(total, q + 1, P))), q,
-             kWeightTag, true);
+      for (const Span& s : spans_in(W, share_start(total, q, P), share_start(total, q + 1, P)))
+        x.recv(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kWeightTag);
       x.recv(&parts[q], 1, MPI_DOUBLE, q, kNormTag);
     }
-    const MPI_Datatype ours = type_of(spans_in(W, lo, hi));
+    const std::vector<Span> ours = spans_in(W, lo, hi);
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;
-      x.send(MPI_BOTTOM, 1, ours, q, kWeightTag);
+      for (const Span& s : ours) x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kWeightTag);
       x.send(&sumsq, 1, MPI_DOUBLE, q, kNormTag);
     }
     const int rc = x.wait();
-    MPI_Datatype t = ours;
-    MPI_Type_free(&t);
     OP_REQUIRES(ctx, rc == MPI_SUCCESS, absl::InternalError("the weight exchange failed"));
     double all = 0.0;
     for (double p : parts) all += p;
@@ -310,16 +312,17 @@ class LabtoolsShardGatherOp : public OpKernel {
       total += held[i].NumElements();
     }
     Exchange x(comm);
-    for (int q = 0; q < P; ++q)
-      if (q != me)
-        x.recv(MPI_BOTTOM, 1, type_of(spans_in(X, share_start(total, q, P), share_start(total, q + 1, P))), q,
-               kStateTag, true);
-    const MPI_Datatype ours = type_of(spans_in(X, share_start(total, me, P), share_start(total, me + 1, P)));
-    for (int q = 0; q < P; ++q)
-      if (q != me) x.send(MPI_BOTTOM, 1, ours, q, kStateTag);
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      for (const Span& s : spans_in(X, share_start(total, q, P), share_start(total, q + 1, P)))
+        x.recv(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kStateTag);
+    }
+    const std::vector<Span> ours = spans_in(X, share_start(total, me, P), share_start(total, me + 1, P));
+    for (int q = 0; q < P; ++q) {
+      if (q == me) continue;
+      for (const Span& s : ours) x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kStateTag);
+    }
     const int rc = x.wait();
-    MPI_Datatype t = ours;
-    MPI_Type_free(&t);
     OP_REQUIRES(ctx, rc == MPI_SUCCESS, absl::InternalError("the optimizer state exchange failed"));
   }
 
