@@ -28,7 +28,7 @@ from bench import summary  # noqa: E402
 
 STEPS = {
     "step": ["bench/step_speed.py", "--repeats", "5"],
-    "bound": ["bench/step_bound.py", "--repeats", "3"],
+    "bound": ["bench/step_bound.py", "--repeats", "9"],
     "allreduce": ["bench/allreduce_overhead.py", "--processes", "2", "--steps", "400", "--epochs", "3", "--repeats", "4"],
     "syncstep": ["bench/allreduce_interleaved.py", "--processes", "2", "--blocks", "120", "--calls", "1"],
     "memory": ["bench/memory.py"],

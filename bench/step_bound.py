@@ -10,9 +10,14 @@ Caffe-style preprocessing, interleaved repeat by repeat:
   call, a loop in the graph, through ``labtools.worker._concrete``), so that it is not slowed by a
   per-call cost labtools does not pay.
 
+- ``labtools``: labtools' own steps (``Worker.train_steps``: preprocessing from uint8, forward,
+  backward, fused Adam, 16 batches per call), as ``labtools train --np 1`` runs them.
+
 Any training step, ours included, does at least the forward and backward pass with the same kernels
 (other kernels would change the numbers), so ``forward+backward img/s / fit img/s`` bounds the ratio
-``labtools train`` can reach against ``fit`` without changing the numbers.
+``labtools train`` can reach against ``fit`` without changing the numbers. ``labtools img/s / fit
+img/s`` is that ratio measured within one process, minutes apart at most, where bench/step_speed.py's
+fresh processes see this machine's drift between runs.
 
     python bench/step_bound.py [--images 2400] [--repeats 3]
 
@@ -91,11 +96,26 @@ def main():
             float(fwd_bwd(xs, ys))
         return len(xb) * 12 / (time.perf_counter() - t)
 
-    fit_rate(), fwd_bwd_rate()  # warm-up: tracing, allocator pools
+    from labtools.comm import Comm
+    from labtools.config import RunConfig
+    from labtools.worker import Worker
+
+    cfg = RunConfig(np=1, ranks_per_node=1, batch_per_node=12, limit_train=a.images, diagnostics=False, threads=1)
+    w = Worker(cfg, Comm(), 1, xtr, ytr, None, None)
+    order, nb = w.shards[0], len(xb)
+
+    def labtools_rate():
+        t = time.perf_counter()
+        for s in range(0, nb, per_call):
+            w.train_steps([order[j * 12:(j + 1) * 12] for j in range(s, min(s + per_call, nb))], 0, s)
+        return nb * 12 / (time.perf_counter() - t)
+
+    fit_rate(), fwd_bwd_rate(), labtools_rate()  # warm-up: tracing, allocator pools
     reps = []
     for _ in range(a.repeats):
-        r = {"fit_img_s": fit_rate(), "fwd_bwd_img_s": fwd_bwd_rate()}
+        r = {"fit_img_s": fit_rate(), "fwd_bwd_img_s": fwd_bwd_rate(), "labtools_img_s": labtools_rate()}
         r["bound"] = r["fwd_bwd_img_s"] / r["fit_img_s"]
+        r["labtools_over_fit"] = r["labtools_img_s"] / r["fit_img_s"]
         reps.append(r)
         print(json.dumps(r), flush=True)
     b = [r["bound"] for r in reps]
