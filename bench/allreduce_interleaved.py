@@ -25,6 +25,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -67,12 +68,8 @@ def measure(a):
     xtr, ytr, xte, yte = D.load_cifar10(path, limit_train=n_train, limit_test=100)
 
     def worker(sharded: str):
-        saved = os.environ.get("LABTOOLS_SHARDED_ADAM")
-        os.environ["LABTOOLS_SHARDED_ADAM"] = sharded
-        try:
+        with mock.patch.dict(os.environ, {"LABTOOLS_SHARDED_ADAM": sharded}):
             return Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
-        finally:
-            os.environ.pop("LABTOOLS_SHARDED_ADAM") if saved is None else os.environ.__setitem__("LABTOOLS_SHARDED_ADAM", saved)
 
     w, w_rep = worker("1"), worker("0")
     n, b = steps_per_call(), w.b

@@ -58,12 +58,11 @@ def main():
     # only): Workers whose graphs were built that way, or, on the mpi4py path, the same graph with
     # comm.allreduce_inplace a no-op while it runs.
     import types
+    from unittest import mock
 
     from labtools import mpi_op
 
-    saved = os.environ.get("LABTOOLS_SHARDED_ADAM")
-    os.environ["LABTOOLS_SHARDED_ADAM"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"LABTOOLS_SHARDED_ADAM": "0"}):
         w_rep = Worker(cfg, comm, comm.size, xtr, ytr, xte, yte)
         real_lib = mpi_op._lazy.op
         if real_lib is not None:
@@ -74,8 +73,6 @@ def main():
                 mpi_op._lazy.op = real_lib
         else:
             w_nc = w_rep
-    finally:
-        os.environ.pop("LABTOOLS_SHARDED_ADAM") if saved is None else os.environ.__setitem__("LABTOOLS_SHARDED_ADAM", saved)
     real = comm.allreduce_inplace
 
     def step_no_comm():

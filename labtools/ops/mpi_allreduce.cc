@@ -72,8 +72,9 @@ REGISTER_KERNEL_BUILDER(Name("LabtoolsAllreduce").Device(DEVICE_CPU), LabtoolsAl
 // So a process updates 1/P of the parameters instead of all of them, and no flat buffer is built.
 // Measured here at P = 2 (16 steps per graph call): the op took 0.95 ms where Adam alone took 0.73 ms
 // and concat + Allreduce + Adam 1.51 ms; a first version (one derived datatype per peer, which MPICH
-// packs instead of copying once, and a separate sum pass) took 1.6-1.8 ms. The Adam moments of the other shares go stale on this process until
-// LabtoolsShardGather brings them back (once per epoch, before anyone reads them).
+// packs instead of copying once, and a separate sum pass) took 1.6-1.8 ms.
+// The Adam moments of the other shares go stale on this process until LabtoolsShardGather brings
+// them back (once per epoch, before anyone reads them).
 // A peer that failed sends the same messages with its flag set (labtools.mpi_op.fail_sharded_step);
 // then every process fails the step with PEER_MARK after phase 1, before any weight moves.
 namespace {
@@ -124,6 +125,21 @@ class Exchange {
 
 MPI_Comm comm_of(OpKernelContext* ctx, int input) {
   return MPI_Comm_f2c(static_cast<MPI_Fint>(ctx->input(input).scalar<int64_t>()()));
+}
+
+// Posts, for every peer, the receives of its share of bufs straight into them, and the sends of ours:
+// one message per piece, contiguous in both processes (MPI's single-copy path), in order.
+void post_shares(Exchange& x, const std::vector<Span>& bufs, int64_t total, int me, int P, int tag) {
+  for (int q = 0; q < P; ++q) {
+    if (q == me) continue;
+    for (const Span& s : spans_in(bufs, share_start(total, q, P), share_start(total, q + 1, P)))
+      x.recv(s.p, static_cast<int>(s.n), MPI_FLOAT, q, tag);
+  }
+  const std::vector<Span> ours = spans_in(bufs, share_start(total, me, P), share_start(total, me + 1, P));
+  for (int q = 0; q < P; ++q) {
+    if (q == me) continue;
+    for (const Span& s : ours) x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, tag);
+  }
 }
 
 }  // namespace
@@ -187,7 +203,7 @@ class LabtoolsShardedAdamOp : public OpKernel {
     float flag = 0.0f;
     Exchange x(comm);
     // one message per variable piece, straight from the gradient tensors, then the flag; in order
-    const std::vector<Span> mine_shape = spans_in(G, lo, hi);  // the pieces' sizes, as every peer cuts them
+    const std::vector<Span> mine_shape = spans_in(G, lo, hi);  // our pieces (every peer cuts them alike)
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;
       float* d = recv_.data() + q * (mine + 1);
@@ -217,7 +233,6 @@ class LabtoolsShardedAdamOp : public OpKernel {
     };
     if (P > 2) {
       sum_.resize(mine);
-      const std::vector<Span> own = spans_in(G, lo, hi);
       for (int q = 0; q < P; ++q) {
         float* d = sum_.data();
         auto add = [&](const float* s, int64_t n) {
@@ -227,7 +242,7 @@ class LabtoolsShardedAdamOp : public OpKernel {
           d += n;
         };
         if (q == me)
-          for (const Span& s : own) add(s.p, s.n);
+          for (const Span& s : mine_shape) add(s.p, s.n);
         else
           add(recv_.data() + q * (mine + 1), mine);
       }
@@ -251,17 +266,10 @@ class LabtoolsShardedAdamOp : public OpKernel {
     // 3. weights: ours to every peer, theirs straight into our variables; the norm's parts likewise
     std::vector<double> parts(P, 0.0);
     parts[me] = sumsq;
-    // one message per variable piece, contiguous in both processes (MPI's single-copy path), in order
+    post_shares(x, W, total, me, P, kWeightTag);
     for (int q = 0; q < P; ++q) {
       if (q == me) continue;
-      for (const Span& s : spans_in(W, share_start(total, q, P), share_start(total, q + 1, P)))
-        x.recv(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kWeightTag);
       x.recv(&parts[q], 1, MPI_DOUBLE, q, kNormTag);
-    }
-    const std::vector<Span> ours = spans_in(W, lo, hi);
-    for (int q = 0; q < P; ++q) {
-      if (q == me) continue;
-      for (const Span& s : ours) x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kWeightTag);
       x.send(&sumsq, 1, MPI_DOUBLE, q, kNormTag);
     }
     const int rc = x.wait();
@@ -312,16 +320,7 @@ class LabtoolsShardGatherOp : public OpKernel {
       total += held[i].NumElements();
     }
     Exchange x(comm);
-    for (int q = 0; q < P; ++q) {
-      if (q == me) continue;
-      for (const Span& s : spans_in(X, share_start(total, q, P), share_start(total, q + 1, P)))
-        x.recv(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kStateTag);
-    }
-    const std::vector<Span> ours = spans_in(X, share_start(total, me, P), share_start(total, me + 1, P));
-    for (int q = 0; q < P; ++q) {
-      if (q == me) continue;
-      for (const Span& s : ours) x.send(s.p, static_cast<int>(s.n), MPI_FLOAT, q, kStateTag);
-    }
+    post_shares(x, X, total, me, P, kStateTag);
     const int rc = x.wait();
     OP_REQUIRES(ctx, rc == MPI_SUCCESS, absl::InternalError("the optimizer state exchange failed"));
   }
