@@ -271,14 +271,15 @@ def fig_batch_sweep(table1_df, with_paper=True, steps_per_epoch=None):
                 base = rows[f"{col}_mean"].iloc[0]
                 rel.plot(rows["batch_per_node"], 100 * rows[f"{col}_mean"] / base, color=OURS, ls=ls)
                 for ax, y in ((top, rows[f"{col}_mean"]), (rel, 100 * rows[f"{col}_mean"] / base)):
-                    ax.plot(rows["batch_per_node"][~other], y[~other], color=OURS, marker="o", ls="none",
-                            label=label + ", cluster time" if other.any() else label)
+                    if (~other).any():
+                        ax.plot(rows["batch_per_node"][~other], y[~other], color=OURS, marker="o", ls="none",
+                                label=label + ", cluster time" if other.any() else label)
                     if other.any():
                         reasons = sorted({k.split(": ", 1)[-1] for ks in rows.loc[other, "wall_time_kind"]
                                           for k in ks.split("; ")})
                         bs = ", ".join(str(int(b)) for b in rows.loc[other, "batch_per_node"])
                         ax.plot(rows["batch_per_node"][other], y[other], color=OURS, marker="o", mfc="none", ls="none",
-                                label=f"this machine, N={n}, P={p}, NOT a cluster time (batch {bs}): "
+                                label=f"this machine, N={n}, P={p} ({nr}), NOT a cluster time (batch {bs}): "
                                       + textwrap.fill("; ".join(reasons), 60))
             if with_paper:
                 top.plot(pt["batch_per_node"], pt[col], color=PAPER, marker="s", ls="--", mfc="white",

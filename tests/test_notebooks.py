@@ -1,5 +1,6 @@
-"""papermill executes every notebook with the smoke profile on real CIFAR-10; the tables it writes
-must equal what the raw run records give when recomputed here."""
+"""papermill executes every notebook with the smoke profile on real CIFAR-10 (the main job in a fresh
+clone, conftest.fresh_main); the tables it writes must equal what the raw run records give when
+recomputed here."""
 from __future__ import annotations
 
 import json
@@ -16,9 +17,12 @@ pytestmark = [pytest.mark.notebook, pytest.mark.mpi, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")
-def smoke(cifar_dir, tmp_path_factory):
+def smoke(fresh_main, tmp_path_factory):
+    """The smoke profile's main job as a newcomer runs it (conftest.fresh_main: a fresh clone, the data in its
+    data/, no CIFAR10_DIR), seen as base/figures and base/results (its results/local)."""
     base = tmp_path_factory.mktemp("repro")
-    reproduce(profile="smoke", out=str(base / "figures"), results_root=str(base / "results"))
+    (base / "figures").symlink_to(fresh_main.figures, target_is_directory=True)
+    (base / "results").symlink_to(fresh_main.store, target_is_directory=True)
     return base
 
 
