@@ -103,7 +103,7 @@ def _root(plan: list[Planned]) -> Path:
     return Path(roots.pop())
 
 
-def todo(plan: list[Planned], store: "Store", rerun: bool = False, retime: bool = False) -> list[Planned]:
+def missing_runs(plan: list[Planned], store: "Store", rerun: bool = False, retime: bool = False) -> list[Planned]:
     """The planned runs the store cannot stand for: what a study would train."""
     return [p for p in plan if rerun or store.find(p, retime=retime) is None]
 
@@ -122,25 +122,27 @@ def with_data(plan: list[Planned]) -> list[Planned]:
     return [replace(p, cfg=p.cfg.replace(cifar_dir=found)) for p in plan]
 
 
-def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False, retime: bool = False) -> list[Path]:
-    """Make sure every planned run has a record; return one run folder per planned run."""
+def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False, retime: bool = False,
+           write_store: bool = False) -> list[Path]:
+    """Make sure every planned run has a record; return one run folder per planned run. A read-only
+    store (READ_ONLY_MARK) is trained into only with write_store=True."""
     from tqdm.auto import tqdm
 
     if not plan:
         return []
     root = _root(plan)
     store = Store(root)
-    todo_ = todo(plan, store, rerun, retime)
-    if todo_ and read_only(root):
-        raise ValueError(f"the results store {root} is read-only ({read_only(root)}); {len(todo_)} planned runs are "
+    todo = missing_runs(plan, store, rerun, retime)
+    if todo and read_only(root) and not write_store:
+        raise ValueError(f"the results store {root} is read-only ({read_only(root)}); {len(todo)} planned runs are "
                          "missing from it: render it without training (run_missing=False) or train into another store")
-    todo_ = with_data(todo_)
-    n_stale = sum(bool(store.stale_for(p)) and not store.by_key.get(p.cfg.science_key()) for p in todo_)
-    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo_)} already in the results store, {len(todo_)} to run"
+    todo = with_data(todo)
+    n_stale = sum(bool(store.stale_for(p)) and not store.by_key.get(p.cfg.science_key()) for p in todo)
+    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo)} already in the results store, {len(todo)} to run"
           + (f" ({n_stale} of them have only stale records, made by code that computed differently)" if n_stale else ""),
           flush=True)
-    with tqdm(total=len(todo_), desc=desc, unit="run") as bar:
-        for p in todo_:
+    with tqdm(total=len(todo), desc=desc, unit="run") as bar:
+        for p in todo:
             bar.set_postfix_str(f"np={p.cfg.np} P={p.processes} seed={p.cfg.seed}")
             resume = None if rerun else store.resumable(p)
             if resume:
@@ -151,7 +153,7 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False,
             bar.update(1)
             ev = s.get("eval_set", "test")
             bar.set_postfix_str(f"np={p.cfg.np}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, {s['global_wall_s']:.0f}s")
-    return stored(plan, desc=None, store=None if todo_ else store)[0]
+    return stored(plan, desc=None, store=None if todo else store)[0]
 
 
 def stored(plan: list[Planned], desc: str | None = "runs", store: Store | None = None) -> tuple[list[Path], int]:

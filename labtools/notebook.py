@@ -69,7 +69,7 @@ class Context:
                 self.missing[desc] = {"planned": len(plan), "missing": n_missing}
             return self.load(dirs)
         with self.runner() as run:
-            dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun, retime=self.retime)
+            dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun, retime=self.retime, write_store=self.writable)
         return self.load(dirs)
 
     @staticmethod

@@ -16,6 +16,7 @@ import pytest
 from labtools import data as D, experiments, paths
 from labtools.notebook import Context
 from labtools.reproduce import reproduce
+from labtools.studies import NOTEBOOKS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -104,7 +105,8 @@ def test_quick_profile_renders_every_output_from_the_committed_store_and_writes_
     from test_notebooks import EXPECTED_FIGURES, EXPECTED_TABLES  # noqa: the smoke profile's outputs
 
     status = _git_status(REPO)
-    reproduce(profile="quick", out=str(tmp_path / "figures"), results_root=str(REPO / "results"))  # read-only
+    done = reproduce(profile="quick", out=str(tmp_path / "figures"), results_root=str(REPO / "results"))  # read-only
+    assert [p.stem for p in done] == [n for n in NOTEBOOKS if n != "00_quickstart"]  # the live demo needs engines
     out = tmp_path / "figures" / "quick"
     import json
 
@@ -135,6 +137,9 @@ def test_a_fresh_clone_without_cifar10_dir_runs_main_twice_and_the_second_trains
     first = fresh_main.first_out  # conftest.fresh_main ran it: the data found in the clone's data/
     assert "runs to compute" in first and " 0 runs to compute" not in first, first[-2000:]
     assert fresh_main.git_status() == []
+    out = fresh_main.figures / "smoke"
+    before = {p.relative_to(out): p.read_bytes() for d in ("tables", "figures") for p in (out / d).iterdir()}
+    n_runs = len(list(fresh_main.store.glob("*/*/manifest.json")))
     stop = threading.Event()
     busy = threading.Thread(target=_busy_core, args=(stop,))
     busy.start()
@@ -147,8 +152,14 @@ def test_a_fresh_clone_without_cifar10_dir_runs_main_twice_and_the_second_trains
     second = r.stdout
     assert r.returncode == 0, second[-3000:] + r.stderr[-3000:]
     assert "stored runs only" not in second and " 0 runs to compute" in second, second[-2000:]
-    assert "[run] started" not in second, second[-2000:]
-    assert (fresh_main.figures / "smoke" / "figures" / "fig04_05_batch_sweep.png").is_file()
+    assert "[run] started" not in second and len(list(fresh_main.store.glob("*/*/manifest.json"))) == n_runs
+    # the same runs re-rendered: every table, figure and sidecar byte-identical (no clock time anywhere)
+    after = {p.relative_to(out): p.read_bytes() for d in ("tables", "figures") for p in (out / d).iterdir()}
+    assert set(after) == set(before) and (out / "figures" / "fig04_05_batch_sweep.png").is_file()
+    changed = sorted(str(k) for k in before if before[k] != after[k])
+    assert not changed, f"re-rendering the same runs changed {changed}"
+    executed = (out / "executed" / "02_strong_scaling.ipynb").read_text()
+    assert "start_time" not in executed and "iopub" not in executed
     assert fresh_main.git_status() == []
     print(f"fresh clone, smoke profile: first main {fresh_main.first_run_s:.0f} s, "
           f"second (one core busy) {time.monotonic() - t0:.0f} s")

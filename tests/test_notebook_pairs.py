@@ -15,6 +15,12 @@ REPO = Path(__file__).resolve().parents[1]
 NB = REPO / "notebooks"
 
 
+def _kernel_display_name() -> str:
+    from jupyter_client.kernelspec import KernelSpecManager
+
+    return KernelSpecManager().get_kernel_spec("python3").display_name
+
+
 def _as_saved_after_a_run(nb):
     """What JupyterLab holds after running every cell: outputs, counts, and the cell metadata it adds."""
     nb = nbformat.from_dict(nb.dict() if hasattr(nb, "dict") else nb)
@@ -25,6 +31,8 @@ def _as_saved_after_a_run(nb):
             c.metadata.update({"execution": {"iopub.status.busy": "2026-01-01T00:00:00Z"}, "scrolled": True,
                                "collapsed": False})
     nb.metadata["language_info"] = {"name": "python", "version": "3.11.7"}
+    # JupyterLab writes the running kernel's spec back (measured: ipykernel's is "Python 3 (ipykernel)")
+    nb.metadata["kernelspec"] = {"display_name": _kernel_display_name(), "language": "python", "name": "python3"}
     nb.metadata.setdefault("widgets", {})["application/vnd.jupyter.widget-state+json"] = {"state": {}}
     return nb
 
@@ -45,8 +53,8 @@ def test_saving_a_run_notebook_writes_back_the_same_source(name):
 def test_generated_notebooks_and_data_are_ignored_by_git(tmp_path):
     if not (REPO / ".git").exists() or not shutil.which("git"):
         pytest.skip("not a git checkout")
-    paths = [f"notebooks/{NOTEBOOKS[0]}.ipynb", "data/cifar-10-batches-py/data_batch_1",
-             "notebooks/data/cifar-10-batches-py/data_batch_1", "data/cifar-10-python.tar.gz"]
+    paths = [f"notebooks/{NOTEBOOKS[0]}.ipynb", "data/cifar-10-batches-py", "notebooks/data/cifar-10-batches-py",
+             "data/cifar-10-python.tar.gz"]  # the data folder (or a link to one) wherever a data/ is
     r = subprocess.run(["git", "check-ignore", "--no-index", *paths], cwd=REPO, capture_output=True, text=True)
     assert r.stdout.split() == paths, r.stdout + r.stderr
     tracked = subprocess.run(["git", "ls-files", "notebooks"], cwd=REPO, capture_output=True, text=True).stdout.split()

@@ -1,6 +1,6 @@
 """papermill executes every notebook with the smoke profile on real CIFAR-10 (the main job in a fresh
 clone, conftest.fresh_main); the tables it writes must equal what the raw run records give when
-recomputed here."""
+recomputed here. A second main job (reuse, the same bytes) is tests/test_newcomer.py's."""
 from __future__ import annotations
 
 import json
@@ -104,13 +104,6 @@ def test_notebooks_show_their_figures(smoke):
     assert len(pngs) >= 6
 
 
-def test_rerun_reuses_the_store(smoke):
-    before = len(results.run_dirs(smoke / "results"))
-    reproduce(profile="smoke", notebooks=["02_strong_scaling"], out=str(smoke / "figures"),
-              results_root=str(smoke / "results"))
-    assert len(results.run_dirs(smoke / "results")) == before
-
-
 def test_stored_only_renders_a_partial_study_and_says_so(smoke, tmp_path):
     import shutil
 
@@ -130,21 +123,3 @@ def test_stored_only_renders_a_partial_study_and_says_so(smoke, tmp_path):
     assert not json.loads((tdir / "table_collapse_frequency.provenance.json").read_text())["partial"]
     t = pd.read_csv(tdir / "table_sync_strategies.csv")
     assert t.n_runs.sum() == 3
-
-
-def test_rerendering_unchanged_runs_writes_the_same_bytes(smoke):
-    """`--stored-only` over the same records: every table, figure and sidecar is byte-identical (no clock
-    time anywhere), and the live demo is skipped, not retrained."""
-    out = smoke / "figures" / "smoke"
-    before = {p.relative_to(out): p.read_bytes() for d in ("tables", "figures") for p in (out / d).iterdir()}
-    n_runs = len(list((smoke / "results").glob("*/*/manifest.json")))
-    done = reproduce(profile="smoke", out=str(smoke / "figures"), results_root=str(smoke / "results"),
-                     run_missing=False)
-    assert [p.stem for p in done] == [n for n in NOTEBOOKS if n != "00_quickstart"]
-    assert len(list((smoke / "results").glob("*/*/manifest.json"))) == n_runs  # nothing trained
-    after = {p.relative_to(out): p.read_bytes() for d in ("tables", "figures") for p in (out / d).iterdir()}
-    assert set(after) == set(before)
-    changed = sorted(str(k) for k in before if before[k] != after[k])
-    assert not changed, f"re-rendering the same runs changed {changed}"
-    executed = json.loads((out / "executed" / "02_strong_scaling.ipynb").read_text())
-    assert "start_time" not in json.dumps(executed["metadata"]) and "iopub" not in json.dumps(executed)
