@@ -1,9 +1,12 @@
-"""`labtools runs`: what have I run? One row per run folder of the results store, newest first.
+"""`labtools runs`: what have I run? One row per run folder of the results store, newest first,
+under its experiment, in 100 columns; `--long` and `labtools runs RUN_ID` say the rest in words.
 
 Everything is read through what already owns it: results.run_dirs / results.read_record (the
-manifest and summary, migrated to today's schema) and record.status (completed, failed,
-interrupted, running, or died: running on disk but its heartbeat stopped). Runs that did not
-complete are listed too, without an accuracy.
+manifest and summary, migrated to today's schema), record.status (completed, failed,
+interrupted, running, or died: running on disk but its heartbeat stopped) and the named
+strategies of labtools.profiles. Runs that did not complete are listed too, with how they ended.
+A config that is no named strategy shows the nearest one and a mark, [a], whose note says how it
+differs: two rows that look the same compute the same thing.
 """
 from __future__ import annotations
 
