@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PROFILE ?= quick
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main figures test venv train-np2 bench
+.PHONY: main figures test venv notebooks lab train-np2 bench
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
@@ -14,11 +14,21 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $@
 
+# notebooks/NAME.py is the tracked source; NAME.ipynb is made from it (and kept in step by jupytext in
+# JupyterLab); the .ipynb is ignored by git, so running a notebook never changes a tracked file.
+notebooks: venv
+	$(BIN)/jupytext --sync --quiet notebooks/[0-9]*.py
+
+# JupyterLab in notebooks/ (as root, Jupyter needs --allow-root; LAB_ARGS passes it and others).
+lab: notebooks
+	$(BIN)/jupyter lab --notebook-dir=notebooks $(LAB_ARGS)
+
 # The main job: compute the profile's runs afresh into results/local/ (ignored by git; runs already
-# there are reused, so a second `make main` only re-renders), then re-execute the notebooks with
+# there are reused, so a second `make main` trains nothing, on a busy machine too: a run timed beside other
+# load is kept and drawn as "not a cluster time"; RETIME=1 reruns those), then re-execute the notebooks with
 # papermill -> figures/$(PROFILE)/ (tables, figures, executed notebooks, REPORT.md).
-main: venv
-	$(BIN)/labtools reproduce --profile $(PROFILE) --results results/local
+main: notebooks
+	$(BIN)/labtools reproduce --profile $(PROFILE) --results results/local $(if $(RETIME),--retime)
 
 # Re-render the paper profile's committed tables and figures from the committed records (results/),
 # training nothing: figures/paper/ changes only if a record, the code or a version changed.

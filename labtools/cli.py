@@ -196,7 +196,7 @@ def _runs(ns) -> int:
 
 
 def _data(ns) -> int:
-    from . import data as D
+    from . import data as D, paths
 
     if ns.deadline is not None and not ns.deadline > 0:
         print(f"labtools: error: --deadline must be a positive number of seconds; got {ns.deadline}.", file=sys.stderr)
@@ -207,7 +207,7 @@ def _data(ns) -> int:
         elif ns.action == "verify":
             print(f"ok: {D.verify(D.find_cifar_dir(ns.cifar_dir, download=False), force=True)}")
         elif ns.action == "download":
-            print(D.download_cifar10(ns.dest, deadline=ns.deadline))
+            print(D.download_cifar10(ns.dest or paths.data_home(), deadline=ns.deadline))
     except D.DataError as e:
         print(f"labtools: error: {e}", file=sys.stderr)
         return 2
@@ -220,7 +220,8 @@ def _reproduce(ns) -> int:
 
     try:
         reproduce(profile=ns.profile, notebooks=ns.notebook or None, out=ns.out, results_root=ns.results,
-                  run_missing=not ns.stored_only, verbose=ns.verbose)
+                  run_missing=not ns.stored_only, verbose=ns.verbose, cifar_dir=ns.cifar_dir, retime=ns.retime,
+                  write_store=ns.write_store)
     except ReproduceError as e:
         print(f"labtools: reproduce failed: {e}", file=sys.stderr)
         return 1
@@ -333,12 +334,15 @@ def build_parser() -> argparse.ArgumentParser:
     u.set_defaults(fn=_runs)
     d = sub.add_parser("data", help="find, verify or download CIFAR-10", formatter_class=_Help,
                        description="where: print the CIFAR-10 folder labtools would use (--cifar-dir, $CIFAR10_DIR, "
-                                   "data/cifar-10-batches-py, ~/.keras/datasets/cifar-10-batches-py, the first that "
+                                   "then <project>/data/cifar-10-batches-py where <project> is the checkout labtools runs from (a wheel "
+                                   "install: the per-user data folder, e.g. ~/.local/share/labtools), then "
+                                   "~/.keras/datasets/cifar-10-batches-py; never the current folder; the first that "
                                    "holds all seven files). verify: check the md5 of its seven files. download: "
                                    "fetch the official archive into --dest, check its sha256 and the files' md5.")
     d.add_argument("action", choices=("where", "verify", "download"), help="what to do: where, verify or download")
     d.add_argument("--cifar-dir", default=None, help="folder holding the cifar-10-batches-py files")
-    d.add_argument("--dest", default="data", help="download target folder")
+    d.add_argument("--dest", default=None, help="download target folder (default: <project>/data, or the per-user "
+                                                "data folder of a wheel install)")
     d.add_argument("--deadline", type=float, default=None,
                    help="seconds the whole download may take (default: $LABTOOLS_DOWNLOAD_DEADLINE or 900)")
     d.set_defaults(fn=_data)
@@ -353,10 +357,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--profile", default="quick", choices=PROFILES, help=PROFILE_HELP)
     r.add_argument("--notebook", action="append", choices=NOTEBOOKS, metavar="NAME",
                    help=f"only this notebook (repeatable): {', '.join(NOTEBOOKS)}")
-    r.add_argument("--out", default="figures", metavar="DIR", help="where tables, figures and executed notebooks go")
-    r.add_argument("--results", default=out, metavar="DIR", help="results store root (runs are reused from it and added to it)")
+    r.add_argument("--out", default=None, metavar="DIR",
+                   help="where tables, figures and executed notebooks go (default: the project's figures/)")
+    r.add_argument("--results", default=None, metavar="DIR",
+                   help="results store root: runs are reused from it and added to it (default: the project's "
+                        "results/local/; the committed results/ is read-only)")
     r.add_argument("--stored-only", action="store_true",
                    help="run nothing: tables and figures from the runs already stored, marked partial if some are missing")
+    r.add_argument("--retime", action="store_true",
+                   help="rerun the timed runs (batch sweep, one process per rank) that have no cluster-valid wall "
+                        "time; without it a stored run stands for its plan and its time is drawn as 'not a cluster time'")
+    r.add_argument("--write-store", action="store_true",
+                   help="train into a store marked read-only (the committed results/): for maintainers")
+    r.add_argument("--cifar-dir", default=None, metavar="DIR",
+                   help="CIFAR-10 folder for every run (default: searched as `labtools data where` does)")
     r.add_argument("--verbose", action="store_true",
                    help="stream the notebooks' own output, TensorFlow's log lines included")
     r.set_defaults(fn=_reproduce)

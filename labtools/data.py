@@ -1,6 +1,6 @@
 """CIFAR-10: find, download, verify, load as uint8; strided shards; input preprocessing.
 
-Imports nothing from labtools and no TensorFlow: a process holds uint8 arrays and converts only the
+Imports only labtools.paths and no TensorFlow: a process holds uint8 arrays and converts only the
 batch it is about to use to float32. A training process holds only the rows it uses (load_rows:
 its logical ranks' shards and the evaluation rows it evaluates, 1/N of each set for N = P), as Rows
 indexed by global row number; load_cifar10 loads everything (150 MB for the training set).
@@ -24,6 +24,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from . import paths
 
 URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 ARCHIVE_SHA256 = "6d958be074577803d12ecdefd02955f39262c83c16fe9348329d7fe0b5c001ce"
@@ -51,17 +53,22 @@ CIFAR_RGB_STD = np.array([62.993, 62.089, 66.705], np.float32)
 class DataError(RuntimeError):
     """Data is missing or damaged; the message says where and what to do."""
 
+    def _render_traceback_(self):
+        # IPython shows this instead of a traceback: in a notebook the same one sentence as the CLI's
+        return [f"DataError: {self}"]
+
 
 # ------------------------------------------------------------------ locate
 
 def candidate_dirs(explicit: str | os.PathLike | None = None) -> list[Path]:
-    """Where the batches are looked for, in order."""
+    """Where the batches are looked for, in order. Never the current folder: papermill and the engines
+    run in notebooks/, so a relative `data/` would be another folder there (labtools.paths)."""
     c = []
     if explicit:
         c.append(Path(explicit).expanduser())
     if os.environ.get("CIFAR10_DIR"):
         c.append(Path(os.environ["CIFAR10_DIR"]).expanduser())
-    c.append(Path("data") / FOLDER)
+    c.append(paths.data_home() / FOLDER)
     c.append(Path.home() / ".keras" / "datasets" / FOLDER)
     return c
 
@@ -78,12 +85,12 @@ def _not_found(why: str) -> DataError:
 
 
 def find_cifar_dir(explicit: str | os.PathLike | None = None, download: bool = True) -> Path:
-    """Return the first folder holding all seven files; download into data/ if none does.
+    """Return the first folder holding all seven files; download into paths.data_home() if none does.
 
     An explicit path that lacks the files is an error (no silent fallback to another copy).
     """
     if explicit:
-        d = Path(os.path.expandvars(str(explicit))).expanduser()  # records keep "$CIFAR10_DIR"
+        d = paths.resolve(os.path.expandvars(str(explicit)))  # records keep "$CIFAR10_DIR" or project-relative
         if _has_files(d):
             return d
         if (d / FOLDER).is_dir() and _has_files(d / FOLDER):
@@ -95,7 +102,7 @@ def find_cifar_dir(explicit: str | os.PathLike | None = None, download: bool = T
         if _has_files(d):
             return d
     if download:
-        return download_cifar10(Path("data"))  # its error already lists the folders and the reason
+        return download_cifar10(paths.data_home())  # its error already lists the folders and the reason
     raise _not_found("downloading is off (run `labtools data download` on a machine that is online)")
 
 

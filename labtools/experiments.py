@@ -25,12 +25,26 @@ from . import results
 
 @dataclass
 class Planned:
-    """One run a study needs. ``timed``: its wall time is used, so only a record whose wall time is a
-    cluster's (records.CLUSTER) satisfies it; otherwise any P computes the same numbers (tested) and
-    any record of the same science does."""
+    """One run a study needs. ``timed``: its wall time is used, so a record whose wall time is a
+    cluster's (records.CLUSTER) is preferred; any record of the same science still stands for it (its
+    time is drawn as "not a cluster time") unless the study is asked to retime. Untimed: any P computes
+    the same numbers (tested) and any record of the same science does."""
     cfg: RunConfig
     processes: int
     timed: bool = False
+
+
+# A results root holding this file is read-only for the studies (the committed records): notebooks
+# and `labtools reproduce` render it and never train into it unless told to (write_store).
+READ_ONLY_MARK = "READ_ONLY"
+
+
+def read_only(root) -> str | None:
+    """Why a results root is read-only (the marker's first line), or None when it is writable."""
+    mark = Path(root) / READ_ONLY_MARK
+    if not mark.is_file():
+        return None
+    return (mark.read_text(errors="replace").strip().splitlines() or ["marked read-only"])[0]
 
 
 class Store:
@@ -60,14 +74,14 @@ class Store:
             (self.by_key if m["numerics_current"] else self.stale).setdefault(m["science_key"], []).append(
                 (d, m) if m["numerics_current"] else d)
 
-    def find(self, p: Planned, strict: bool = True) -> Path | None:
+    def find(self, p: Planned, retime: bool = False) -> Path | None:
         """The record that stands for a planned run, the newest of its science. For a timed plan, a
-        cluster-timed record; with strict=False any record when there is none (its numbers still
-        count; its time says what it is)."""
+        cluster-timed one if there is one, else any (its numbers count; its time says what it is);
+        with retime=True only a cluster-timed record does, so a study asked to retime runs again."""
         cands = self.by_key.get(p.cfg.science_key(), [])
         if p.timed:
             timed = [(d, m) for d, m in cands if m["cluster_wall_time"]]
-            cands = timed if (timed or strict) else cands
+            cands = timed if (timed or retime) else cands
         if not cands:
             return None
         return max(cands, key=lambda dm: (dm[1].get("end_utc") or "", dm[0].name))[0]
@@ -89,20 +103,44 @@ def _root(plan: list[Planned]) -> Path:
     return Path(roots.pop())
 
 
-def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False) -> list[Path]:
+def todo(plan: list[Planned], store: "Store", rerun: bool = False, retime: bool = False) -> list[Planned]:
+    """The planned runs the store cannot stand for: what a study would train."""
+    return [p for p in plan if rerun or store.find(p, retime=retime) is None]
+
+
+def with_data(plan: list[Planned]) -> list[Planned]:
+    """The plan with the CIFAR-10 folder found once, here, before any engine starts: every run is
+    given that folder, and missing data is one sentence (data.DataError) instead of a traceback
+    from every rank."""
+    from dataclasses import replace
+
+    from .data import find_cifar_dir
+
+    if not plan:
+        return plan
+    found = str(find_cifar_dir(plan[0].cfg.cifar_dir, download=True))
+    return [replace(p, cfg=p.cfg.replace(cifar_dir=found)) for p in plan]
+
+
+def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False, retime: bool = False) -> list[Path]:
     """Make sure every planned run has a record; return one run folder per planned run."""
     from tqdm.auto import tqdm
 
     if not plan:
         return []
-    store = Store(_root(plan))
-    todo = [p for p in plan if rerun or store.find(p) is None]
-    n_stale = sum(bool(store.stale_for(p)) and not store.by_key.get(p.cfg.science_key()) for p in todo)
-    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo)} already in the results store, {len(todo)} to run"
+    root = _root(plan)
+    store = Store(root)
+    todo_ = todo(plan, store, rerun, retime)
+    if todo_ and read_only(root):
+        raise ValueError(f"the results store {root} is read-only ({read_only(root)}); {len(todo_)} planned runs are "
+                         "missing from it: render it without training (run_missing=False) or train into another store")
+    todo_ = with_data(todo_)
+    n_stale = sum(bool(store.stale_for(p)) and not store.by_key.get(p.cfg.science_key()) for p in todo_)
+    print(f"{desc}: {len(plan)} planned, {len(plan) - len(todo_)} already in the results store, {len(todo_)} to run"
           + (f" ({n_stale} of them have only stale records, made by code that computed differently)" if n_stale else ""),
           flush=True)
-    with tqdm(total=len(todo), desc=desc, unit="run") as bar:
-        for p in todo:
+    with tqdm(total=len(todo_), desc=desc, unit="run") as bar:
+        for p in todo_:
             bar.set_postfix_str(f"np={p.cfg.np} P={p.processes} seed={p.cfg.seed}")
             resume = None if rerun else store.resumable(p)
             if resume:
@@ -113,7 +151,7 @@ def ensure(plan: list[Planned], runner, desc: str = "runs", rerun: bool = False)
             bar.update(1)
             ev = s.get("eval_set", "test")
             bar.set_postfix_str(f"np={p.cfg.np}: {ev} acc {100 * s[f'{ev}_acc']:.1f}%, {s['global_wall_s']:.0f}s")
-    return stored(plan, desc=None, store=None if todo else store)[0]
+    return stored(plan, desc=None, store=None if todo_ else store)[0]
 
 
 def stored(plan: list[Planned], desc: str | None = "runs", store: Store | None = None) -> tuple[list[Path], int]:
@@ -121,7 +159,7 @@ def stored(plan: list[Planned], desc: str | None = "runs", store: Store | None =
     if not plan:
         return [], 0
     store = store or Store(_root(plan))
-    found = [store.find(p, strict=False) for p in plan]
+    found = [store.find(p) for p in plan]
     missing = sum(d is None for d in found)
     if desc:
         print(f"{desc}: {len(plan)} planned, {len(plan) - missing} in the results store, {missing} missing "

@@ -25,6 +25,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, MaxNLocator, NullLocator, ScalarFormatter
 
 from . import paper, results, tables
+from .records import CLUSTER
 
 STYLE = {
     "figure.figsize": (6.4, 4.8), "figure.dpi": 100, "savefig.dpi": 200, "savefig.bbox": "tight",
@@ -79,8 +80,6 @@ def _tag(fig, df):
 def _ours(ax, t2, col, timing, per_run=None, color=OURS):
     """Our mean ± std per np. Timing columns: filled where the time is a cluster's, hollow (dotted) where
     it is not, with a legend entry saying why. Accuracy/loss columns: each seed as a small dot too."""
-    from .records import CLUSTER
-
     std = f"{col}_std" if f"{col}_std" in t2.columns else None
     mean = f"{col}_mean" if f"{col}_mean" in t2.columns else col
     n = f"n={t2['n_runs'].min()}" if t2["n_runs"].nunique() == 1 else f"n={t2['n_runs'].min()}-{t2['n_runs'].max()}"
@@ -264,10 +263,24 @@ def fig_batch_sweep(table1_df, with_paper=True, steps_per_epoch=None):
                 nr = f"n={rows['n_runs'].min()}" if rows["n_runs"].nunique() == 1 else \
                     f"n={rows['n_runs'].min()}-{rows['n_runs'].max()}"
                 label = f"this machine, N={n}, P={p} (mean ± std, {nr})"
+                # rows timed beside other load (or otherwise not a cluster's): hollow points on a dotted line
+                other = (rows["wall_time_kind"] != CLUSTER) if "wall_time_kind" in rows else rows["batch_per_node"] < 0
+                ls = ":" if other.any() else "-"
                 top.errorbar(rows["batch_per_node"], rows[f"{col}_mean"], yerr=rows[f"{col}_std"], color=OURS,
-                             marker="o", label=label)
+                             marker="none", ls=ls)
                 base = rows[f"{col}_mean"].iloc[0]
-                rel.plot(rows["batch_per_node"], 100 * rows[f"{col}_mean"] / base, color=OURS, marker="o", label=label)
+                rel.plot(rows["batch_per_node"], 100 * rows[f"{col}_mean"] / base, color=OURS, ls=ls)
+                for ax, y in ((top, rows[f"{col}_mean"]), (rel, 100 * rows[f"{col}_mean"] / base)):
+                    if (~other).any():
+                        ax.plot(rows["batch_per_node"][~other], y[~other], color=OURS, marker="o", ls="none",
+                                label=label + ", cluster time" if other.any() else label)
+                    if other.any():
+                        reasons = sorted({k.split(": ", 1)[-1] for ks in rows.loc[other, "wall_time_kind"]
+                                          for k in ks.split("; ")})
+                        bs = ", ".join(str(int(b)) for b in rows.loc[other, "batch_per_node"])
+                        ax.plot(rows["batch_per_node"][other], y[other], color=OURS, marker="o", mfc="none", ls="none",
+                                label=f"this machine, N={n}, P={p} ({nr}), NOT a cluster time (batch {bs}): "
+                                      + textwrap.fill("; ".join(reasons), 60))
             if with_paper:
                 top.plot(pt["batch_per_node"], pt[col], color=PAPER, marker="s", ls="--", mfc="white",
                          label=paper.PAPER_LABEL)

@@ -7,28 +7,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import experiments, provenance, results
+from . import experiments, paths, provenance, results
 from .config import RunConfig
 
-
-def project_root() -> Path:
-    cwd = Path.cwd()
-    return cwd.parent if cwd.name == "notebooks" else cwd
+project_root = paths.project_root  # notebooks import it from here
 
 
 class Context:
+    """cifar_dir: the CIFAR-10 folder (default: found as `labtools data where` finds it, once, before a
+    run starts). retime: a timed plan (the batch sweep, one process per rank) reruns unless a
+    cluster-timed record exists; by default any record of its science stands for it and its time is
+    drawn as "not a cluster time". write_store: train into a read-only store (experiments.READ_ONLY_MARK)."""
+
     def __init__(self, profile: str, notebook: str, out_dir=None, results_root=None, runner: str = "pool",
-                 run_missing: bool = True, params: dict | None = None):
-        root = project_root()
+                 run_missing: bool = True, params: dict | None = None, cifar_dir=None, retime: bool = False,
+                 write_store: bool = False):
         # run_missing=False renders what the store holds: a long study (the paper profile of 03 is
         # ~12 h on 2 cores) can be looked at part way, and every output says how much is missing.
         self.run_missing = run_missing
         self.missing: dict[str, dict] = {}
         self.profile, self.notebook, self.runner_kind = profile, notebook, runner
         self.params = dict(params or {})
-        self.out_dir = Path(out_dir) if out_dir else root / "figures" / profile
+        self.cifar_dir, self.retime = (str(cifar_dir) if cifar_dir else None), retime
+        self.out_dir = Path(out_dir) if out_dir else paths.figures_root() / profile
         # default: the local store `make main` computes into (ignored by git); committed records: ../results
-        self.results_root = Path(results_root) if results_root else root / "results" / "local"
+        self.results_root = Path(results_root) if results_root else paths.local_store()
+        why = experiments.read_only(self.results_root)
+        self.writable = not why or write_store
+        if why and run_missing and not write_store:
+            print(f"The results store {self.results_root} is read-only ({why}): showing its runs, training none "
+                  "(write_store=True trains into it).", flush=True)
+            self.run_missing = False
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.reduced = profile != "paper"
 
@@ -42,7 +51,7 @@ class Context:
         # and Adam state: 420 MB at np = 48) costs more than redoing a run of seconds
         base = dict(epochs=p.get("epochs", 10), limit_train=p.get("limit_train"), limit_test=p.get("limit_test"),
                     out=str(self.results_root), experiment=self.experiment(experiment), label=self.profile,
-                    checkpoint=p.get("checkpoint", True))
+                    checkpoint=p.get("checkpoint", True), cifar_dir=self.cifar_dir)
         base.update(kw)
         return RunConfig(**base).validate()
 
@@ -60,7 +69,7 @@ class Context:
                 self.missing[desc] = {"planned": len(plan), "missing": n_missing}
             return self.load(dirs)
         with self.runner() as run:
-            dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun)
+            dirs = experiments.ensure(plan, run, desc=desc, rerun=rerun, retime=self.retime)
         return self.load(dirs)
 
     @staticmethod

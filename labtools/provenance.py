@@ -12,6 +12,8 @@ import subprocess
 from importlib import metadata
 from pathlib import Path
 
+from .paths import project_root
+
 PACKAGES = ("labtools", "tensorflow", "tensorflow-cpu", "keras", "numpy", "mpi4py", "mpich",
             "ipyparallel", "papermill", "pandas", "matplotlib", "psutil")
 
@@ -25,17 +27,19 @@ def portable_path(p) -> str:
 
     if p is None:
         return None
-    path = Path(p).expanduser().resolve()
+    path = Path(p).expanduser()
     env = os.environ.get("CIFAR10_DIR")
-    if env and Path(env).expanduser().resolve() == path:
+    if env and Path(env).expanduser().resolve() == path.resolve():
         return "$CIFAR10_DIR"
-    root = Path(__file__).resolve().parents[1]
-    for base, name in ((root, None), (Path.home().resolve(), "~")):
-        try:
-            rel = path.relative_to(base)
-        except ValueError:
-            continue
-        return str(rel) if name is None else f"~/{rel}"
+    # as written, then with links resolved: a project's data/ may be a link to a shared copy
+    for cand in (Path(os.path.abspath(path)), path.resolve()):
+        for base, name in ((project_root(), None), (Path.home(), "~")):
+            for b in (Path(os.path.abspath(base)), base.resolve()):
+                try:
+                    rel = cand.relative_to(b)
+                except ValueError:
+                    continue
+                return str(rel) if name is None else f"~/{rel}"
     return str(p)
 
 

@@ -18,6 +18,16 @@ def results_section(profile_dir) -> str:
     tdir = Path(profile_dir) / "tables"
     t2, val, test = (_read(tdir, n) for n in ("table2_strong_scaling", "table_selection_validation", "table_selection_test"))
     lines = []
+    if t2 is not None and 2 in set(t2.np):
+        p2 = paper.table2().set_index("np")
+        r = t2.set_index("np").loc[2]
+        head = (f"**In one sentence:** the paper reports {_pm(float(p2.loc[2, 'test_acc_pct']), None)} % test accuracy "
+                f"at np = 2; the same protocol here gives {_pm(r.test_acc_pct_mean, r.test_acc_pct_std)} % over "
+                f"{int(r.n_runs)} seeds ({int(r.at_chance)} at chance)")
+        if val is not None and test is not None:
+            head += (f", and the configuration chosen on validation data for np = 48 reaches "
+                     f"{_pm(test.iloc[0].test_acc_pct_mean, test.iloc[0].test_acc_pct_std)} % there on fresh seeds")
+        lines += [head + ".", ""]
     if t2 is not None:
         p2 = paper.table2().set_index("np")
         lines += ["Table 2 here (the paper profile: mean ± std over seeds; at chance = exact collapse or ≤ 11 %) "

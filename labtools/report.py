@@ -12,6 +12,7 @@ from pathlib import Path
 
 from . import paper, provenance, results
 from .metrics import CHANCE_ACC
+from .records import CLUSTER
 
 TOL_POINTS = 3.0  # a paper accuracy is reproduced when our mean is within this many points, no seed at chance
 REPRODUCED, DIFFERS, COLLAPSED, NOT_COMPARABLE = "reproduced", "differs", "collapsed here", "not comparable here"
@@ -135,6 +136,14 @@ def table2_section(t2, per_run, store: str | None = None) -> tuple[list[str], li
     return lines, verdicts
 
 
+def _not_cluster(row) -> str:
+    """', and not a cluster time here (why)' for a Table 1 row timed beside other load, else ''."""
+    kind = getattr(row, "wall_time_kind", CLUSTER)
+    if not isinstance(kind, str) or kind == CLUSTER:
+        return ""
+    return "; here NOT a cluster time (" + "; ".join(sorted({k.split(": ", 1)[-1] for k in kind.split("; ")})) + ")"
+
+
 def table1_section(t1) -> tuple[list[str], list[str], str]:
     """(markdown lines, verdicts, the shape verdict) for Table 1."""
     p1 = paper.table1().set_index("batch_per_node")
@@ -152,7 +161,7 @@ def table1_section(t1) -> tuple[list[str], list[str], str]:
                      f"{g('mean_step_s', 3)} | {_pm(r.mean_step_s_mean, r.mean_step_s_std, 4)} | {g('global_img_per_s')} | "
                      f"{_pm(r.global_img_per_s_mean, r.global_img_per_s_std, 1)} | {g('peak_rss_mb', 1)} | "
                      f"{_pm(r.peak_rss_mb_mean, r.peak_rss_mb_std, 1)} | {g('cpu_pct', 1)} | {_pm(r.cpu_pct_mean, r.cpu_pct_std, 1)} | "
-                     f"{NOT_COMPARABLE}: different hardware |")
+                     f"{NOT_COMPARABLE}: different hardware{_not_cluster(r)} |")
         verdicts.append(NOT_COMPARABLE)
     ours = int(t1.loc[t1.global_img_per_s_mean.idxmax(), "batch_per_node"])
     theirs = int(paper.table1().set_index("batch_per_node").global_img_per_s.idxmax())

@@ -7,14 +7,14 @@ the run with the notebook, the failing cell and the error; what earlier notebook
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
 
+from . import paths
 from .studies import NOTEBOOKS
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class ReproduceError(RuntimeError):
@@ -29,7 +29,7 @@ def _rel(p: Path) -> str:
         return str(p)
 
 
-LIVE_DEMOS = ("00_quickstart",)  # notebooks that always train (they show the pool at work): skipped by --stored-only
+LIVE_DEMOS = ("00_quickstart",)  # notebooks that start a pool (they show it at work): skipped by --stored-only
 
 
 def kernel_manager_class():
@@ -51,7 +51,7 @@ def kernel_manager_class():
     return NoInterruptAtShutdown
 
 
-def plan_work(profile: str, names, out_dir: Path, results_root) -> dict:
+def plan_work(profile: str, names, out_dir: Path, results_root, retime: bool = False) -> dict:
     """{science key: (work, config)} of the planned runs the store lacks, over all notebooks (each run
     counted once: studies share runs through the store)."""
     from .experiments import Store
@@ -60,16 +60,16 @@ def plan_work(profile: str, names, out_dir: Path, results_root) -> dict:
 
     store, todo = Store(results_root), {}
     for name in names:
-        for p in study(name, profile, out_dir=out_dir, results_root=results_root).planned():
+        for p in study(name, profile, out_dir=out_dir, results_root=results_root, run_missing=False).planned():
             key = p.cfg.science_key()
-            if name in LIVE_DEMOS or store.find(p) is None:
-                todo.setdefault(key if name not in LIVE_DEMOS else name, (work(p.cfg), p.cfg))
+            if store.find(p, retime=retime) is None:
+                todo.setdefault(key, (work(p.cfg), p.cfg))
     return todo
 
 
-def scrub(nb_path: Path) -> None:
+def scrub(nb_path: Path, input_path: str | None = None) -> None:
     """Drop papermill's and Jupyter's clock times from an executed notebook: re-rendering unchanged
-    inputs then writes the same file."""
+    inputs then writes the same file. input_path: the source to name instead of the temporary copy."""
     import hashlib
 
     import nbformat
@@ -77,6 +77,8 @@ def scrub(nb_path: Path) -> None:
     nb = nbformat.read(nb_path, as_version=4)
     for k in ("duration", "start_time", "end_time"):
         nb.metadata.get("papermill", {}).pop(k, None)
+    if input_path and "papermill" in nb.metadata:
+        nb.metadata.papermill["input_path"] = input_path
     for i, cell in enumerate(nb.cells):
         # nbformat gives id-less cells (jupytext pairs carry none) a random id on every execution
         cell.id = f"c{i:02d}-{hashlib.sha1(cell.source.encode()).hexdigest()[:8]}"
@@ -86,44 +88,73 @@ def scrub(nb_path: Path) -> None:
     nbformat.write(nb, nb_path)
 
 
-def _data_needed(todo: dict) -> None:
-    """Runs need CIFAR-10: say so in one sentence before any notebook starts, not as a traceback."""
+def _data_needed(todo: dict, cifar_dir=None) -> str | None:
+    """Runs need CIFAR-10: say so in one sentence before any notebook starts, not as a traceback. The
+    folder found here is the one every notebook and engine uses (a notebook parameter), as records keep
+    paths (provenance.portable_path): the executed notebooks name no machine path."""
     from .data import DataError, find_cifar_dir
+    from .provenance import portable_path
 
-    if todo:
-        try:
-            find_cifar_dir(download=True)
-        except DataError as e:
-            raise ReproduceError(f"{len(todo)} runs need CIFAR-10, and here: {e} (`--stored-only` renders the stored "
-                                 "runs without data)") from None
+    if not todo:
+        return None
+    try:
+        return portable_path(find_cifar_dir(cifar_dir, download=True))
+    except DataError as e:
+        raise ReproduceError(f"{len(todo)} runs need CIFAR-10, and here: {e} (`--stored-only` renders the stored "
+                             "runs without data)") from None
 
 
-def reproduce(profile: str = "quick", notebooks=None, out="figures", results_root="results/local",
+def notebook_source(nb_dir: Path, name: str) -> Path | None:
+    """The tracked source of a notebook: notebooks/NAME.py (jupytext percent format); the .ipynb beside
+    it is generated and ignored by git, so that working in JupyterLab never changes a tracked file."""
+    py = nb_dir / f"{name}.py"
+    return py if py.is_file() else None
+
+
+def _as_ipynb(src: Path, dest: Path) -> Path:
+    import jupytext
+
+    jupytext.write(jupytext.read(src), dest, fmt="ipynb")
+    return dest
+
+
+def reproduce(profile: str = "quick", notebooks=None, out=None, results_root=None,
               notebook_dir: str | os.PathLike | None = None, runner: str = "pool", run_missing: bool = True,
-              verbose: bool = False) -> list[Path]:
+              verbose: bool = False, cifar_dir=None, retime: bool = False, write_store: bool = False) -> list[Path]:
     """Execute the notebooks of a profile; with run_missing, first compute what the store lacks.
 
+    out, results_root: default figures/ and results/local/ of the project (labtools.paths), wherever
+    this is called from. retime: rerun timed plans that have no cluster-timed record. write_store:
+    train into a store marked read-only (the committed records).
     The terminal shows one line per notebook and per run started/finished and an overall bar with the
     time left (labtools.live); verbose=True streams the notebooks' own output instead."""
+    import tempfile
+
     import papermill as pm
 
+    from .experiments import read_only
     from .live import StoreWatcher, overall_bar
 
-    nb_dir = Path(notebook_dir) if notebook_dir else ROOT / "notebooks"
+    nb_dir = Path(notebook_dir) if notebook_dir else paths.project_root() / "notebooks"
     names = list(notebooks or NOTEBOOKS)
-    unknown = [n for n in names if not (nb_dir / f"{n}.ipynb").exists()]
+    unknown = [n for n in names if notebook_source(nb_dir, n) is None]
     if unknown:
         raise ReproduceError(f"no notebook {', '.join(unknown)} in {nb_dir}; choose from {', '.join(NOTEBOOKS)}")
+    results_root = Path(results_root) if results_root else paths.local_store()
+    why = read_only(results_root)
+    if why and run_missing and not write_store:
+        print(f"[reproduce] {_rel(results_root)} is a read-only store ({why}): rendering its runs, training none "
+              "(--write-store trains into it)", flush=True)
+        run_missing = False
     if not run_missing:
         for n in [n for n in names if n in LIVE_DEMOS]:
             print(f"[reproduce] {n} skipped: it is a live demo that trains, and --stored-only trains nothing", flush=True)
         names = [n for n in names if n not in LIVE_DEMOS]
-    out_dir = Path(out).resolve() / profile
+    out_dir = (Path(out) if out else paths.figures_root()).resolve() / profile
     executed = out_dir / "executed"
     executed.mkdir(parents=True, exist_ok=True)
-    results_root = Path(results_root)
-    todo = plan_work(profile, names, out_dir, results_root) if run_missing else {}
-    _data_needed(todo)
+    todo = plan_work(profile, names, out_dir, results_root, retime) if run_missing else {}
+    found = _data_needed(todo, cifar_dir)
     print(f"[reproduce] profile {profile}: {len(names)} notebooks, results store {_rel(results_root)}, "
           + (f"{len(todo)} runs to compute" if run_missing else "stored runs only (nothing is trained)"), flush=True)
     # The engines' launcher (mpiexec) and the kernel must come from this environment.
@@ -131,6 +162,7 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     done, t_all = [], time.time()
     bar = overall_bar(sum(w for w, _ in todo.values()), len(todo)) if todo else None
+    sources = Path(tempfile.mkdtemp(prefix="labtools-notebooks-"))
     try:
         with StoreWatcher(results_root, bar) if todo else nullcontext():
             for name in names:
@@ -139,11 +171,13 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
                 target = executed / f"{name}.ipynb"
                 try:
                     pm.execute_notebook(
-                        _rel(nb_dir / f"{name}.ipynb"), _rel(target), cwd=str(nb_dir), kernel_name="python3",
+                        str(_as_ipynb(notebook_source(nb_dir, name), sources / f"{name}.ipynb")), _rel(target),
+                        cwd=str(nb_dir), kernel_name="python3",
                         # relative to the notebooks' folder: executed copies name no machine paths
                         parameters={"profile": profile, "out_dir": os.path.relpath(out_dir, nb_dir),
                                     "results_root": os.path.relpath(results_root.resolve(), nb_dir),
-                                    "runner": runner, "run_missing": run_missing},
+                                    "runner": runner, "run_missing": run_missing, "cifar_dir": found,
+                                    "retime": retime, "write_store": write_store},
                         # the kernel's own start-up warnings (e.g. TCP without encryption) are not the run's news
                         extra_arguments=[] if verbose else ["--IPKernelApp.log_level=ERROR"],
                         progress_bar=False, log_output=verbose, kernel_manager_class=kernel_manager_class(),
@@ -151,10 +185,11 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
                 except pm.PapermillExecutionError as e:
                     raise ReproduceError(f"{name}: cell {e.exec_count} raised {e.ename}: {e.evalue} (executed notebook "
                                          f"with the error: {_rel(target)}; earlier outputs are kept)") from None
-                scrub(target)
+                scrub(target, input_path=_rel(notebook_source(nb_dir, name)))
                 _say(bar, f"[reproduce] {name} done in {time.time() - t:.0f} s -> {_rel(target)}")
                 done.append(target)
     finally:
+        shutil.rmtree(sources, ignore_errors=True)
         if bar is not None:
             bar.close()
     from .report import StaleTable, write_report

@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -16,15 +17,20 @@
 # configuration notebook 04 recommends (synchronous SGD, sqrt-scaled Adam lr with warmup and cosine
 # decay) for a short run, plots each rank's log and stops the pool.
 #
-# Every cell can be run again: a second `Pool(n=2).start()` reuses the running engines, a second
-# training run starts a new run folder, and a kernel shutdown or restart stops the engines.
+# Every cell can be run again: a second `Pool(n=2).start()` reuses the running engines, and a kernel
+# shutdown or restart stops the engines. The run is trained once: run again (or a second `make main`),
+# the notebook shows the stored run; `rerun = True` trains a new one.
 
 # %% tags=["parameters"]
 profile = "quick"      # smoke | quick | paper (each study says what they mean: labtools/studies/)
 out_dir = None         # tables and figures go here (default: figures/<profile>)
-results_root = None    # the results store (default: results/local/; "../results": the committed records)
+results_root = None    # the results store (default: results/local/; "../results": the committed records, read-only)
 runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
 run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)
+cifar_dir = None       # CIFAR-10 folder (default: found as `labtools data where` finds it)
+retime = False         # True: rerun timed runs that have no cluster-valid wall time
+write_store = False    # True: train into a store marked read-only (the committed records)
+rerun = False          # True: train the demo run again even when the results store holds it
 
 # %%
 import os
@@ -33,7 +39,9 @@ from IPython.display import Markdown, display
 from labtools.cluster import Pool
 from labtools.studies import QuickstartStudy
 
-study = QuickstartStudy(profile, out_dir, results_root, runner, run_missing)
+study = QuickstartStudy(profile, out_dir, results_root, runner, run_missing,
+                        cifar_dir=cifar_dir, retime=retime, write_store=write_store, rerun=rerun)
+config = study.training_config()  # CIFAR-10 found before any engine starts (None: the store has this run)
 pool = Pool(n=2).start()   # run again: reuses the running pool
 pool.activate()            # %%px runs on the engines
 pool.ranks                 # engine id -> MPI rank
@@ -45,7 +53,7 @@ print(f"MPI rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()} on {
 
 # %%
 # labtools.train.run on both engines: a bar over the epochs, and each rank's log lines as they come
-summary = pool.run(study.run_config())
+summary = study.train(pool, config)
 display(study.summary_frame(summary))
 
 # %%

@@ -2,6 +2,7 @@
 # jupyter:
 #   jupytext:
 #     formats: ipynb,py:percent
+#     notebook_metadata_filter: -jupytext.text_representation
 #   kernelspec:
 #     display_name: Python 3
 #     language: python
@@ -22,9 +23,12 @@
 # %% tags=["parameters"]
 profile = "quick"      # smoke | quick | paper (each study says what they mean: labtools/studies/)
 out_dir = None         # tables and figures go here (default: figures/<profile>)
-results_root = None    # the results store (default: results/local/; "../results": the committed records)
+results_root = None    # the results store (default: results/local/; "../results": the committed records, read-only)
 runner = "pool"        # "pool": ipyparallel MPI engines; "mpiexec": one mpiexec job per run
 run_missing = True     # False: use only runs already in the store (a partial study, labelled as such)
+cifar_dir = None       # CIFAR-10 folder (default: found as `labtools data where` finds it)
+retime = False         # True: rerun timed runs that have no cluster-valid wall time
+write_store = False    # True: train into a store marked read-only (the committed records)
 
 # %%
 import os
@@ -32,7 +36,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 from IPython.display import Markdown, display
 from labtools.studies import StrongScalingStudy
 
-study = StrongScalingStudy(profile, out_dir, results_root, runner, run_missing)
+study = StrongScalingStudy(profile, out_dir, results_root, runner, run_missing,
+                           cifar_dir=cifar_dir, retime=retime, write_store=write_store)
 runs = study.collect()
 
 # %% [markdown]

@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -83,3 +84,51 @@ def run_mpi(n: int, args: list[str], timeout: float = 600, env: dict | None = No
         e.pop(k, None)
     cmd = [mpiexec(), "-n", str(n), sys.executable, "-m", "labtools.cli", *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+
+
+# ---------------------------------------------------------------- the main job in a fresh clone
+
+class FreshMain:
+    """A fresh clone of this working tree (tracked and untracked-but-not-ignored files, committed in a new
+    repository: what `git clone` of it would give) with CIFAR-10 in its data/ folder and CIFAR10_DIR
+    unset, where the main job ran once, as `make main` runs it but with the smoke profile."""
+
+    def __init__(self, root: Path, cifar_dir: str):
+        self.root = root
+        self.store = root / "results" / "local"   # where `make main` computes
+        self.figures = root / "figures"           # figures/<profile>/
+        self.env = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_DIR", "LABTOOLS_RESULTS")}
+        self.env.update(PYTHONPATH=str(root), PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+        files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=REPO,
+                               capture_output=True, text=True, check=True).stdout.split("\0")
+        for f in filter(None, files):
+            src = REPO / f
+            if src.is_file() and not src.is_symlink():
+                (root / f).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, root / f)
+        git = ["git", "-c", "user.name=t", "-c", "user.email=t@localhost"]
+        for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "fresh clone"]):
+            subprocess.run(git + cmd, cwd=root, check=True, capture_output=True)
+        (root / "data" / "cifar-10-batches-py").symlink_to(Path(cifar_dir).resolve(), target_is_directory=True)
+
+    def main(self, profile: str = "smoke", timeout: float = 1500) -> subprocess.CompletedProcess:
+        """`make main`'s command (labtools reproduce into results/local) run in the clone, with this interpreter."""
+        return subprocess.run([sys.executable, "-m", "labtools.cli", "reproduce", "--profile", profile, "--results",
+                               "results/local"], cwd=self.root, env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+
+    def git_status(self) -> list[str]:
+        return subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=self.root,
+                              capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.fixture(scope="session")
+def fresh_main(cifar_dir, tmp_path_factory) -> FreshMain:
+    """The smoke profile's main job, run once per session in a fresh clone (tests/test_notebooks.py reads its
+    tables and figures; tests/test_newcomer.py runs it a second time)."""
+    fm = FreshMain(tmp_path_factory.mktemp("fresh") / "labtools", cifar_dir)
+    t0 = time.monotonic()
+    r = fm.main()
+    fm.first_run_s, fm.first_out = time.monotonic() - t0, r.stdout
+    assert r.returncode == 0, f"the main job failed in a fresh clone:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return fm

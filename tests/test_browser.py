@@ -1,13 +1,16 @@
-"""JupyterLab in a real browser: headless Chromium (Debian's `chromium`, driven by Playwright) opens a
-copy of notebooks/00_quickstart.ipynb (smoke profile) in a JupyterLab started for this test, runs all
-cells from the Run menu and checks what a researcher sees: each engine's output under its
-``[stdout:N]`` prefix (the %%px cell and the training cell, whose lines stream while it runs), the
-tqdm.auto progress bar widget, the figure inline, and no traceback anywhere.
+"""JupyterLab in a real browser, as a user meets it: headless Chromium (Debian's `chromium`, driven by
+Playwright) opens notebooks/00_quickstart.ipynb in a JupyterLab started in the project's notebooks/
+folder, with CIFAR10_DIR unset and the data in the project's data/ folder (as the README says to put
+it), runs all cells from the Run menu, saves with Ctrl+S, and checks what a researcher sees: each
+engine's output under its ``[stdout:N]`` prefix (the %%px cell and the training cell, whose lines
+stream while it runs), the tqdm.auto progress bar widget, the figure inline, no traceback anywhere;
+and that `git status` is what it was before: outputs live only in the generated, ignored .ipynb.
 
-A screenshot of the whole notebook is kept, pass or fail, at build/ci-artifacts/quickstart-jupyterlab.png
-(and the server's log beside it). Nothing in the repository changes: the copy lives in
-tmp_path/notebooks, so labtools.notebook.project_root() is tmp_path and results/ and figures/ go there.
-Jupyter's settings, workspaces, runtime files and IPython profile are in tmp_path too.
+The notebook is the real one (quick profile), made from its tracked .py as `make notebooks` makes it.
+Its results go to a store of the test's own ($LABTOOLS_RESULTS), so the demo trains here whatever
+earlier runs left in results/local/. A screenshot of the whole notebook is kept, pass or fail, at
+build/ci-artifacts/quickstart-jupyterlab.png (and the server's log beside it). Jupyter's settings,
+workspaces, runtime files and IPython profile are in tmp_path.
 
 Missing Chromium or Playwright: a failure in CI ($CI set), a skip elsewhere.
 """
@@ -45,7 +48,7 @@ SCREENSHOT = ARTIFACTS / "quickstart-jupyterlab.png"
 RUN_TIMEOUT = 8 * 60  # run all cells; about a minute on an idle 2-core machine
 START_TIMEOUT = 120   # JupyterLab answering, the page built, the kernel started
 
-TRAINING = r"^[^#\n]*\bpool\.run\("  # the training cell: a pool.run( call outside a comment
+TRAINING = r"^[^#\n]*\b(pool\.run|study\.train)\("  # the training cell: the call outside a comment
 STDERR = "application/vnd.jupyter.stderr"
 # One object per code cell of the open notebook, read from the DOM.
 CELLS_JS = """() => Array.from(document.querySelectorAll(
@@ -88,13 +91,13 @@ def _chromium() -> str:
 
 # ------------------------------------------------------------------ JupyterLab for one test
 class Lab:
-    def __init__(self, root: Path, env: dict):
+    def __init__(self, root: Path, env: dict, log_dir: Path):
         self.root, self.token = root, secrets.token_hex(16)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.base = f"http://127.0.0.1:{self.port}"
-        self.log_path = root / "jupyterlab.log"
+        self.log_path = log_dir / "jupyterlab.log"
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(
             [str(BIN / "jupyter"), "lab", "--no-browser", f"--port={self.port}", "--ServerApp.port_retries=0",
@@ -211,47 +214,56 @@ def _lab_settings(d: Path):
         f.write_text(json.dumps(value))
 
 
-def _smoke_copy(dest: Path) -> Path:
-    """The quickstart with profile = "smoke" and no outputs, as tmp_path/notebooks/00_quickstart.ipynb."""
-    nb = nbformat.read(REPO / "notebooks" / f"{NOTEBOOK}.ipynb", as_version=4)
-    params = [c for c in nb.cells if "parameters" in c.metadata.get("tags", [])]
-    assert len(params) == 1, "the quickstart must have one cell tagged 'parameters'"
-    params[0].source, n = re.subn(r'^profile\s*=\s*"[^"]*"', 'profile = "smoke"', params[0].source, count=1, flags=re.M)
-    assert n == 1, f"no `profile = \"...\"` line in the parameters cell:\n{params[0].source}"
-    for c in nb.cells:
-        if c.cell_type == "code":
-            c.outputs, c.execution_count = [], None
-    dest.mkdir(parents=True, exist_ok=True)
-    path = dest / f"{NOTEBOOK}.ipynb"
-    nbformat.write(nb, path)
-    return path
+def _git_status() -> list[str]:
+    r = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=REPO, capture_output=True,
+                       text=True)
+    return r.stdout.splitlines() if r.returncode == 0 else [f"git status failed: {r.stderr.strip()}"]
+
+
+@contextmanager
+def data_in_the_project(cifar_dir: str):
+    """CIFAR-10 where the README tells a newcomer to put it, <project>/data/cifar-10-batches-py (a link to
+    the test's copy unless the folder is there already; ignored by git either way)."""
+    target = REPO / "data" / "cifar-10-batches-py"
+    made = not target.exists()
+    if made:
+        target.parent.mkdir(exist_ok=True)
+        target.symlink_to(Path(cifar_dir).resolve(), target_is_directory=True)
+    try:
+        yield target
+    finally:
+        if made:
+            target.unlink()
 
 
 @contextmanager
 def jupyterlab(cifar_dir: str, tmp_path: Path):
-    """JupyterLab on the smoke copy of the quickstart; on leaving, kernels and server shut down, the server
-    log copied beside the screenshot, and no process of the notebook's engine pool left (else a failure)."""
-    _smoke_copy(tmp_path / "notebooks")
+    """JupyterLab in notebooks/ on the generated quickstart; on leaving, kernels and server shut down, the
+    server log copied beside the screenshot, and no process of the notebook's engine pool left (else a failure)."""
+    nb = REPO / "notebooks" / f"{NOTEBOOK}.ipynb"
+    # as `make notebooks`: the .ipynb made from the tracked .py (kept, outputs and all, if it is there)
+    subprocess.run([str(BIN / "jupytext"), "--sync", "--quiet", str(nb.with_suffix(".py"))], check=True)
     _lab_settings(tmp_path / "lab-settings")
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "CIFAR10_DIR": cifar_dir,
-           "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
-           "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
-           "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
-           "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
-           "IPYTHONDIR": str(tmp_path / "ipython"), "TF_CPP_MIN_LOG_LEVEL": "2"}
-    env.pop("MPLBACKEND", None)  # the kernel's own inline backend
-    server = Lab(tmp_path, env)
-    try:
-        server.wait_ready()
-        yield server
-    finally:
-        killed = server.shutdown()
-        ARTIFACTS.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(server.log_path, ARTIFACTS / "quickstart-jupyterlab.log")
-        pool = [k for k in killed if any(part in k for part in ("ipengine", "ipcontroller", "ipyparallel"))]
-        if pool:
-            warnings.warn(f"ipyparallel processes outlived the kernel's shutdown and were killed: {pool}")
-        left = [f"{p.pid} {_cmd(p)}" for cid in server.cluster_ids for p in procs.find(cid, parts=None)]
+    env = {k: v for k, v in os.environ.items() if k not in ("CIFAR10_DIR", "MPLBACKEND")}  # the kernel's inline backend
+    env.update({"PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "LABTOOLS_RESULTS": str(tmp_path / "results"),
+                "JUPYTERLAB_SETTINGS_DIR": str(tmp_path / "lab-settings"),
+                "JUPYTERLAB_WORKSPACES_DIR": str(tmp_path / "lab-workspaces"),
+                "JUPYTER_CONFIG_DIR": str(tmp_path / "jupyter-config"),
+                "JUPYTER_RUNTIME_DIR": str(tmp_path / "jupyter-runtime"),
+                "IPYTHONDIR": str(tmp_path / "ipython"), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    with data_in_the_project(cifar_dir):
+        server = Lab(REPO / "notebooks", env, log_dir=tmp_path)
+        try:
+            server.wait_ready()
+            yield server
+        finally:
+            killed = server.shutdown()
+            ARTIFACTS.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(server.log_path, ARTIFACTS / "quickstart-jupyterlab.log")
+            pool = [k for k in killed if any(part in k for part in ("ipengine", "ipcontroller", "ipyparallel"))]
+            if pool:
+                warnings.warn(f"ipyparallel processes outlived the kernel's shutdown and were killed: {pool}")
+            left = [f"{p.pid} {_cmd(p)}" for cid in server.cluster_ids for p in procs.find(cid, parts=None)]
     # reached only when the test itself passed: a failure of its own is not hidden by this one
     assert not left, f"processes of the notebook's engine pool are still running after the test: {left}"
 
@@ -287,6 +299,8 @@ def test_quickstart_runs_in_jupyterlab(cifar_dir, tmp_path):
     from playwright.sync_api import sync_playwright
 
     SCREENSHOT.unlink(missing_ok=True)
+    source = REPO / "notebooks" / f"{NOTEBOOK}.py"
+    status, text = _git_status(), source.read_bytes()
     with jupyterlab(cifar_dir, tmp_path) as lab, sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=chromium, headless=True,
                                      args=["--no-sandbox", "--disable-dev-shm-usage"])
@@ -295,11 +309,18 @@ def test_quickstart_runs_in_jupyterlab(cifar_dir, tmp_path):
             try:
                 t_run, live, cells = _run_all(page, lab)
                 print(f"run all cells: {time.monotonic() - t_run:.0f}s")
+                _save(page, lab)
             finally:
                 _screenshot(page)
                 print(f"screenshot: {SCREENSHOT}")
         finally:
             browser.close()
+
+    # saved: the outputs are in the generated .ipynb; the tracked .py and git status are as they were
+    saved = nbformat.read(source.with_suffix(".ipynb"), as_version=4)
+    assert any(c.get("outputs") for c in saved.cells if c.cell_type == "code"), "the save kept no outputs"
+    assert source.read_bytes() == text, f"saving in JupyterLab changed {source.name}"
+    assert _git_status() == status, f"running and saving the quickstart changed git status: {_git_status()}"
 
     # no traceback, every code cell ran
     errors = [s for c in cells for s in c["stderr"] if "Traceback" in s]
@@ -326,14 +347,26 @@ def test_quickstart_runs_in_jupyterlab(cifar_dir, tmp_path):
     # the figure inline: a loaded image (study.publish shows the saved PNG)
     images = [im for c in cells for im in c["images"]]
     assert any(im["complete"] and im["width"] > 100 and im["height"] > 100 for im in images), images
-    assert (tmp_path / "figures" / "smoke" / "figures" / "quickstart_rank_log.png").is_file()  # not in the repo
+    assert (REPO / "figures" / "quick" / "figures" / "quickstart_rank_log.png").is_file()  # ignored by git
+
+
+def _save(page, lab: Lab) -> None:
+    """Ctrl+S in the notebook, as a user saves; wait until the server has the new file (its mtime moves)."""
+    before = lab.api(f"/api/contents/{NOTEBOOK}.ipynb?content=0")["last_modified"]
+    page.locator(".jp-NotebookPanel:not(.lm-mod-hidden) .jp-Notebook").first.click()
+    page.keyboard.press("Control+s")
+    t0 = time.monotonic()
+    while lab.api(f"/api/contents/{NOTEBOOK}.ipynb?content=0")["last_modified"] == before:
+        assert time.monotonic() - t0 < 60, f"the notebook was not saved within 60 s:\n{lab.log_tail()}"
+        time.sleep(0.5)
+    page.wait_for_timeout(1000)  # the paired .py is written in the same request; let the UI settle
 
 
 def _run_all(page, lab: Lab):
     """Open the notebook, Run > Run All Cells, wait until the kernel is idle with every code cell run (an
     execution count in its prompt; the last cell, pool.stop(), shows nothing) or one failed.
     Returns (start time, whether engine output showed in the running training cell, cells)."""
-    page.goto(lab.url(f"notebooks/{NOTEBOOK}.ipynb"), wait_until="domcontentloaded", timeout=START_TIMEOUT * 1000)
+    page.goto(lab.url(f"{NOTEBOOK}.ipynb"), wait_until="domcontentloaded", timeout=START_TIMEOUT * 1000)
     page.wait_for_selector(".jp-NotebookPanel .jp-Notebook .jp-CodeCell", timeout=START_TIMEOUT * 1000)
     t0 = time.monotonic()
     while not [k for k in lab.kernels() if k.get("execution_state") == "idle"]:

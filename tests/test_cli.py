@@ -74,7 +74,8 @@ def test_help_texts_that_the_issue_names(capsys):
     runs = " ".join(_help(["runs"], capsys).split())
     assert f"(default: {out})" in runs and "--all" in runs  # runs lists where train writes
     data = " ".join(_help(["data"], capsys).split())
-    assert all(w in data for w in ("where:", "verify:", "download:", "$CIFAR10_DIR", "(default: data)"))
+    assert all(w in data for w in ("where:", "verify:", "download:", "$CIFAR10_DIR", "<project>/data",
+                                   "never the current folder"))
     rep = " ".join(_help(["reproduce"], capsys).split())
     assert all(n in rep for n in NOTEBOOKS) and all(p in rep for p in PROFILES)
     assert "smoke (" in rep and "(default: quick)" in rep and "papermill" in rep

@@ -185,11 +185,14 @@ def test_sigterm_during_download_leaves_nothing(trickle_url, tmp_path):
 
 
 def test_offline_error_lists_every_folder_and_the_way_out(tmp_path, monkeypatch):
-    home, env_dir, cwd = (tmp_path / n for n in ("home", "env", "cwd"))
-    for p in (home, env_dir, cwd):
+    from labtools import paths
+
+    home, env_dir, cwd, project = (tmp_path / n for n in ("home", "env", "cwd", "project"))
+    for p in (home, env_dir, cwd, project):
         p.mkdir()
     monkeypatch.setenv("HOME", str(home))
     monkeypatch.setenv("CIFAR10_DIR", str(env_dir))
+    monkeypatch.setattr(paths, "checkout", lambda: project)
     monkeypatch.chdir(cwd)
     with socket.socket() as s:  # a port nobody listens on: connection refused at once
         s.bind(("127.0.0.1", 0))
@@ -198,12 +201,13 @@ def test_offline_error_lists_every_folder_and_the_way_out(tmp_path, monkeypatch)
     with pytest.raises(D.DataError) as e:
         D.find_cifar_dir(download=True)
     msg = str(e.value)
-    dirs = [str(env_dir), str(cwd / "data" / D.FOLDER), str(home / ".keras" / "datasets" / D.FOLDER)]
+    # the project's data/ (never the current folder's), where the download went and left nothing
+    dirs = [str(env_dir), str(project / "data" / D.FOLDER), str(home / ".keras" / "datasets" / D.FOLDER)]
     assert [str(d.absolute()) for d in D.candidate_dirs()] == dirs
     assert all(d in msg for d in dirs), msg
     assert f"127.0.0.1:{port}" in msg and "failed after 0 bytes" in msg
     assert "set CIFAR10_DIR or pass --cifar-dir" in msg and msg.count(". ") == 0
-    assert _no_leftovers(cwd / "data")
+    assert _no_leftovers(project / "data") and not (cwd / "data").exists()
 
 
 def test_real_batches_load_as_before(cifar_dir):
@@ -536,7 +540,7 @@ def test_an_unknown_sync_is_one_line_once(tmp_path):
     assert "labtools train --help" in err, err
 
 
-def test_reproduce_continues_a_stopped_run_instead_of_starting_again(tmp_path):
+def test_reproduce_continues_a_stopped_run_instead_of_starting_again(tmp_path, cifar_dir):
     from labtools import experiments, numerics
 
     cfg = RunConfig(np=2, epochs=2, out=str(tmp_path), experiment="e")

@@ -25,9 +25,12 @@ def test_store_reuses_by_science_across_experiments_and_p(tmp_path):
     other = _record(tmp_path, "someone-else", cfg.replace(experiment="someone-else"), 2, kind=records.LOGICAL)
     s = Store(tmp_path)
     assert s.find(Planned(cfg, 8)) == other  # another experiment, another P: the same numbers
-    assert s.find(Planned(cfg, 8, timed=True)) is None  # but not a cluster time
+    # a timed plan takes it too (its time is drawn as "not a cluster time"); only retiming runs it again
+    assert s.find(Planned(cfg, 8, timed=True)) == other
+    assert s.find(Planned(cfg, 8, timed=True), retime=True) is None
     timed = _record(tmp_path, "x", cfg, 8, kind=records.CLUSTER, end="2025-01-01")
-    assert Store(tmp_path).find(Planned(cfg, 8, timed=True)) == timed
+    assert Store(tmp_path).find(Planned(cfg, 8, timed=True)) == timed  # a cluster time wins, though older
+    assert Store(tmp_path).find(Planned(cfg, 8, timed=True), retime=True) == timed
     assert Store(tmp_path).find(Planned(cfg, 8)) == other  # the newest, when timing does not matter
     assert Store(tmp_path).find(Planned(cfg.replace(seed=2), 8)) is None
 

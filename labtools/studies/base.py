@@ -19,11 +19,13 @@ class Study:
     PARTS: ClassVar[dict[str, tuple]] = {}
 
     def __init__(self, profile: str = "quick", out_dir=None, results_root=None, runner: str = "pool",
-                 run_missing: bool = True, **overrides):
+                 run_missing: bool = True, cifar_dir=None, retime: bool = False, write_store: bool = False,
+                 **overrides):
         if profile not in self.PARAMS:
             raise ValueError(f"unknown profile {profile!r} for {self.notebook}; choose one of {', '.join(self.PARAMS)}")
         self.ctx = Context(profile, self.notebook, out_dir, results_root, runner, run_missing,
-                           params={**self.PARAMS[profile], **overrides})
+                           params={**self.PARAMS[profile], **overrides}, cifar_dir=cifar_dir, retime=retime,
+                           write_store=write_store)
         self.profile = profile
         self.p = self.ctx.params
 

@@ -21,8 +21,46 @@ class QuickstartStudy(Study):
 
         return self.config("quickstart", np=2, **{**STRATEGIES[RECOMMENDED], "warmup_epochs": self.p["epochs"] / 4})
 
+    def __init__(self, *args, rerun: bool = False, **kw):
+        super().__init__(*args, **kw)
+        self.rerun = rerun
+
+    def stored_run(self):
+        """This demo's run when the store already holds it (a second `make main`), else None: shown
+        instead of training again unless rerun=True."""
+        from ..experiments import Planned, Store
+
+        if self.rerun:
+            return None
+        return Store(self.ctx.results_root).find(Planned(self.run_config(), 2))
+
+    def training_config(self):
+        """run_config() ready to train, or None when the stored run is shown instead (stored_run). Checked
+        here, before any engine starts: the results store is writable, and CIFAR-10 is found (missing data
+        is one sentence, DataError, not a traceback from every rank)."""
+        from ..experiments import Planned, read_only, with_data
+
+        if self.stored_run() is not None:
+            return None
+        why = read_only(self.ctx.results_root)
+        if why and not self.ctx.writable:
+            raise ValueError(f"the quickstart trains, and its results store {self.ctx.results_root} is read-only ({why}); "
+                             "leave results_root at its default (results/local/)")
+        return with_data([Planned(self.run_config(), 2)])[0].cfg
+
+    def train(self, pool, config) -> dict:
+        """Train config on the pool; with config None, the stored run's summary (said so)."""
+        import json
+
+        if config is not None:
+            return pool.run(config)
+        d = self.stored_run()
+        print(f"The results store already holds this run ({d.name}): shown without training again "
+              "(rerun = True trains it anew).", flush=True)
+        return {**json.loads((d / "summary.json").read_text()), "run_dir": str(d)}
+
     def planned(self):
-        """The demo always trains its one run (it shows the pool at work; nothing is reused)."""
+        """The demo's one run (trained once; shown from the store after that unless rerun)."""
         from ..experiments import Planned
 
         return [Planned(self.run_config(), 2)]
