@@ -206,9 +206,10 @@ def details(r: dict, full: bool = False) -> str:
     lines += field("differs", ", ".join(r["variant"]) + " (from that strategy's config)" if r["variant"] else "")
     lines += field("ranks", f"np {r['np']} on {r['P']} processes" + (f", hosts {', '.join(hosts)}" if hosts else ""))
     lines += field("seed", str(r["seed"]))
+    ago = r["ago"] + (" ago" if r["ago"] != "just now" else "")
     lines += field("time", ", ".join(x for x in (f"wall {r['wall']}" if r["wall"] else "",
                                                  r["wall_time_kind"] and f"timing: {r['wall_time_kind']}",
-                                                 r["start_utc"] and f"started {r['start_utc']} ({r['ago']}{' ago' * (r['ago'] != 'just now')})") if x))
+                                                 r["start_utc"] and f"started {r['start_utc']} ({ago})") if x))
     lines += field("folder", os.path.relpath(r["run_dir"]))
     if full:
         have = [p.name + ("/" if p.is_dir() else "") for p in sorted(Path(r["run_dir"]).iterdir())

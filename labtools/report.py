@@ -258,7 +258,8 @@ def build_report(out_dir) -> str:
 
 def _store_named(tdir: Path) -> str:
     """The store(s) the tables were computed from, as their sidecars name them (relative to the report)."""
-    stores = sorted({s for p in tdir.glob("*.provenance.json") if (s := json.loads(p.read_text()).get("results_store"))})
+    stores = sorted({s for p in tdir.glob("*.provenance.json")
+                     if (s := json.loads(p.read_text()).get("results_store"))})
     return ("the results store " + ", ".join(f"`{s}/`" for s in stores) + ", a path relative to this file"
             if stores else "the results store")
 
