@@ -169,7 +169,7 @@ def _train_config(ns):
 def _runs(ns) -> int:
     from pathlib import Path
 
-    from .listing import ListingError, default_out, no_runs, render
+    from .listing import ListingError, default_out, no_runs, render, render_run
 
     if ns.rebuild:
         from .record import rebuild_scaling_csv
@@ -182,9 +182,12 @@ def _runs(ns) -> int:
                 print(rebuild_scaling_csv(exp))
         return 0
     try:
-        print(render(ns.results, ns.experiment, show_all=ns.all), end="")
+        if ns.run:
+            print(render_run(ns.results, ns.run, ns.experiment), end="")
+        else:
+            print(render(ns.results, ns.experiment, show_all=ns.all, long=ns.long), end="")
     except ListingError as e:
-        if ns.results == default_out() and not os.path.exists(ns.results):
+        if ns.results == default_out() and not os.path.exists(ns.results) and not ns.run:
             print(no_runs(ns.results))  # a fresh checkout: nothing run yet is not an error
             return 0
         print(f"labtools: error: {e}", file=sys.stderr)
@@ -244,7 +247,9 @@ def _report(ns) -> int:
 
 # What an option whose default is None does when it is not given (shown as its "(default: ...)").
 NONE_MEANS = {
-    "cifar_dir": "searched: $CIFAR10_DIR, data/cifar-10-batches-py, ~/.keras/datasets/cifar-10-batches-py",
+    "cifar_dir": "the first that holds the seven files of $CIFAR10_DIR, <project root>/data/cifar-10-batches-py "
+                 "(the labtools checkout, not the current folder; a wheel install: the per-user data folder), "
+                 "~/.keras/datasets/cifar-10-batches-py",
     "limit_train": "all 50000", "limit_test": "all 10000", "inject_failure": "none", "resume": "a new run",
     "experiment": "every experiment", "notebook": "every notebook, in order", "readme": "none",
 }
@@ -292,30 +297,39 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND", title="commands")
     p.commands = sub.choices
     t = sub.add_parser("train", help="train SqueezeNet on CIFAR-10 (run under mpiexec -n P)", formatter_class=_Help,
+                       usage="mpiexec -n P %(prog)s [options]",
                        description="Train on every MPI process; the run is recorded in OUT/EXPERIMENT/RUN_ID/ "
                                    "(manifest, epochs.csv, per-rank CSVs, checkpoint, summary).\n\n"
                                    "  mpiexec -n 2 labtools train --epochs 10            # the paper's np=2 protocol\n"
                                    "  mpiexec -n 2 labtools train --np 16 --epochs 10    # 16 logical ranks on 2 "
                                    "processes\n"
                                    "  mpiexec -n 2 labtools train --resume RUN_DIR       # continue a stopped run")
-    RunConfig.add_arguments(t)
-    t.add_argument("--resume", metavar="RUN_DIR", default=None,
+    run_control = RunConfig.add_arguments(t)["run control"]
+    run_control.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue this interrupted or failed run from its last checkpoint, in the same folder "
                         "(same world N; any P that divides it)")
-    t.add_argument("--no-keeper", action="store_true",
-                   help="run the work in this process (no watching parent that records a kill -9)")
-    t.add_argument("--verbose", action="store_true",
-                   help="show TensorFlow's start-up log lines and warnings (silenced otherwise)")
+    run_control.add_argument("--no-keeper", action="store_true",
+                             help="run the work in this process (no watching parent that records a kill -9)")
+    run_control.add_argument("--verbose", action="store_true",
+                             help="show TensorFlow's start-up log lines and warnings (silenced otherwise)")
     t.set_defaults(fn=_train)
     u = sub.add_parser("runs", help="what have I run? every run with its status, newest first", formatter_class=_Help,
-                       description="One line per run folder of the results store, newest first: run id, "
-                                   "experiment, status (completed, failed, interrupted, running, or died: running "
-                                   "but its heartbeat stopped), np (logical ranks N), P (processes), sync strategy, "
-                                   "seed, epochs (done/planned unless completed), test or validation accuracy, "
-                                   "training wall time and how long ago it started.")
+                       description="One line per run folder of the results store, newest first, under its "
+                                   "experiment: run id, np (logical ranks N), P (processes), strategy (a short name; "
+                                   "[x] marks a config that differs from that strategy's, explained under the "
+                                   "table), seed, epochs (done/planned unless completed), result (test accuracy, "
+                                   "'val' for validation accuracy; else how the run ended: failed, interrupted, "
+                                   "running, or died: running but its heartbeat stopped), training wall time and "
+                                   "how long ago it started.\n\n"
+                                   "  labtools runs --long             # each run in words: status, strategy, paths\n"
+                                   "  labtools runs RUN_ID             # one run, with its whole config")
+    u.add_argument("run", nargs="?", default=None, metavar="RUN_ID",
+                   help="show this run in full: a run id (or its unique start), EXPERIMENT/RUN_ID, or a run folder")
     u.add_argument("--results", default=out, metavar="DIR", help="results store root (where `labtools train` writes)")
     u.add_argument("--experiment", default=None, metavar="NAME", help="only this experiment")
     u.add_argument("--all", action="store_true", help="every run (otherwise the 20 newest)")
+    u.add_argument("--long", action="store_true", help="each run in words (status, full strategy, how its config "
+                                                       "differs, hosts, times, folder) instead of the table")
     u.add_argument("--rebuild", action="store_true", help="rebuild each experiment's scaling_results.csv from its records")
     u.set_defaults(fn=_runs)
     d = sub.add_parser("data", help="find, verify or download CIFAR-10", formatter_class=_Help,

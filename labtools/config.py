@@ -45,7 +45,7 @@ class RunConfig:
     ranks_per_node: int = _opt(2, "ranks per node; batch per rank = batch_per_node / ranks_per_node")
     epochs: int = _opt(10, "training epochs")
     lr: float = _opt(5e-4, "learning rate (the paper names only this; the optimizer is Adam by default)")
-    cifar_dir: str | None = _opt(None, "folder holding cifar-10-batches-py files (else $CIFAR10_DIR, data/, ~/.keras/datasets)")
+    cifar_dir: str | None = _opt(None, "folder holding the cifar-10-batches-py files")
     seed: int = _opt(0, "random seed for weights, dropout and shuffling")
     # --- data ---
     preprocess: str = _opt("caffe", "input preprocessing: caffe (BGR, ImageNet means subtracted; trains), "
@@ -56,7 +56,7 @@ class RunConfig:
     val_split: int = _opt(0, "hold out the last K training images as a validation set: excluded from every shard, "
                           "evaluated instead of the test set (model selection; the paper: 0)")
     # --- optimizer ---
-    optimizer: str = _opt("adam", "optimizer", OPTIMIZERS)
+    optimizer: str = _opt("adam", "optimizer: adam or sgd", OPTIMIZERS)
     momentum: float = _opt(0.9, "momentum for --optimizer sgd")
     lr_scaling: str = _opt("none", "scale lr with the global batch relative to one rank: none, linear, sqrt", LR_SCALING)
     warmup_epochs: float = _opt(0.0, "linear warmup from lr to the scaled lr over this many epochs")
@@ -71,7 +71,7 @@ class RunConfig:
     # --- model options ---
     final_relu: bool = _opt(True, "ReLU after conv10 (the paper's model)")
     conv10_init: str = _opt("keras", "conv10 init: keras (Glorot) or caffe (N(0, 0.01))", ("keras", "caffe"))
-    padding: str = _opt("valid", "conv1 padding", ("valid", "same"))
+    padding: str = _opt("valid", "conv1 padding: valid or same", ("valid", "same"))
     dropout: float = _opt(0.5, "dropout rate before conv10")
     # --- execution and records ---
     threads: int = _opt(0, "TensorFlow threads per process (0: cores on this host / processes on this host)")
@@ -186,20 +186,48 @@ class RunConfig:
 
     # ------------------------------------------------------------- CLI
     @classmethod
-    def add_arguments(cls, p: argparse.ArgumentParser) -> None:
+    def add_arguments(cls, p: argparse.ArgumentParser) -> dict:
+        """Every field as a flag, in FLAG_GROUPS' argument groups (returned by title, so a command can add
+        its own flags to one); TEST_HOOKS parse but are left out of --help."""
+        groups = {title: p.add_argument_group(title) for title in FLAG_GROUPS}
+        where = {name: title for title, names in FLAG_GROUPS.items() for name in names}
         for f in fields(cls):
+            if f.name not in where and f.name not in TEST_HOOKS:
+                raise KeyError(f"RunConfig.{f.name} is in no group of labtools.config.FLAG_GROUPS")
+            g = groups[where[f.name]] if f.name in where else p
             flag = "--" + _flag(f.name)
-            h = f.metadata["help"]
+            h = argparse.SUPPRESS if f.name in TEST_HOOKS else f.metadata["help"]
             if f.type in ("bool", bool):
-                p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
+                g.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=h)
             else:
                 typ = {"int": int, "float": float, "str": str}.get(str(f.type).split(" |")[0], str)
-                p.add_argument(flag, dest=f.name, type=typ, default=f.default, help=h,
+                # choices are named in the help text (and in the error for a wrong one), not in the metavar
+                meta = METAVARS.get(f.name, {int: "N", float: "X"}.get(typ, "NAME"))
+                g.add_argument(flag, dest=f.name, type=typ, default=f.default, help=h, metavar=meta,
                                choices=f.metadata.get("choices"))
+        return groups
 
     @classmethod
     def from_args(cls, ns: argparse.Namespace) -> "RunConfig":
         return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
+# `labtools train --help`, group by group (RunConfig.add_arguments): every field in exactly one group,
+# or a test hook. "run control" also takes the command's own flags (--resume, --no-keeper, --verbose).
+FLAG_GROUPS = {
+    "data": ("cifar_dir", "preprocess", "shuffle", "limit_train", "limit_test", "val_split"),
+    "model": ("final_relu", "conv10_init", "padding", "dropout"),
+    "optimisation": ("epochs", "batch_per_node", "ranks_per_node", "lr", "optimizer", "momentum", "lr_scaling",
+                     "warmup_epochs", "lr_schedule", "seed"),
+    "sync (N logical ranks on the MPI processes)": ("np", "sync", "sync_every", "average_impl", "opt_state"),
+    "output": ("out", "experiment", "run_id", "label", "save_weights", "checkpoint", "diagnostics", "quiet"),
+    "run control": ("threads", "eval_batch", "wait_limit"),
+}
+# Short value names in --help (else N for an integer, X for a number, NAME for text).
+METAVARS = {"cifar_dir": "DIR", "out": "DIR", "limit_train": "K", "limit_test": "K", "val_split": "K",
+            "sync_every": "H", "warmup_epochs": "EPOCHS", "wait_limit": "SECONDS", "epochs": "N", "lr": "LR"}
+# Flags for the test suite only: they parse (and validate) as any other, --help leaves them out.
+TEST_HOOKS = ("inject_failure",)
 
 
 def _flag(name: str) -> str:

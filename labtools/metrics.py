@@ -13,13 +13,14 @@ def is_collapsed(loss) -> bool:
     return bool(abs(float(loss) - LN10) < COLLAPSE_TOL)
 
 
-def is_at_chance(acc, dead_conv10_frac=None, loss=None) -> bool:
-    """At chance: exactly collapsed, or accuracy <= 11 % (within one point of guessing), or every conv10
-    channel dead at the end. A superset of is_collapsed: a run can guess (10.1 %) with a loss that is
-    not exactly ln 10."""
-    dead = dead_conv10_frac is not None and not (isinstance(dead_conv10_frac, float) and math.isnan(dead_conv10_frac))
-    return bool((loss is not None and is_collapsed(loss)) or float(acc) <= CHANCE_ACC
-                or (dead and float(dead_conv10_frac) >= 1.0))
+def is_at_chance(acc, loss=None) -> bool:
+    """At chance: exactly collapsed, or accuracy <= 11 % (within one point of guessing). A superset of
+    is_collapsed: a run can guess (10.1 %) with a loss that is not exactly ln 10.
+
+    Dead conv10 channels are a diagnostic, not part of this test: they are counted on 256 training
+    images (and, without the final ReLU, say nothing about the logits), so a run with every channel
+    dead there can still score well above chance on the test set (issue 25: 19.9 % labelled at chance)."""
+    return bool((loss is not None and is_collapsed(loss)) or float(acc) <= CHANCE_ACC)
 
 
 def speedup(t_base, t):

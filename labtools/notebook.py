@@ -90,7 +90,17 @@ class Context:
         miss = self._missing(parts)
         return {"profile": self.profile, "reduced_protocol": self.reduced, "notebook": self.notebook,
                 "profile_params": self.params, "partial": bool(miss), "runs_missing": miss,
-                **extra}
+                "results_store": self.store_from_out(), **extra}
+
+    def store_from_out(self) -> str:
+        """The results store relative to out_dir (a relative path: no machine path in a sidecar), so the
+        report links each run where it is, e.g. ../../results/local/EXPERIMENT/RUN_ID/."""
+        import os
+
+        try:
+            return Path(os.path.relpath(self.results_root.resolve(), self.out_dir.resolve())).as_posix()
+        except ValueError:  # another drive (Windows): no relative path exists
+            return self.results_root.resolve().as_posix()
 
     def save_table(self, df, name: str, run_ids=None, parts=None, **extra):
         from .tables import save_table

@@ -29,6 +29,14 @@ SELECTION_CANDIDATES = {
     "allreduce, sqrt lr, warmup 2, cosine": {"sync": "allreduce", **TUNED},
     TUNED_ALLREDUCE: STRATEGIES[TUNED_ALLREDUCE],
 }
+# Names short enough for a terminal table (`labtools runs`, which prints the full names under it).
+SHORT_NAMES = {
+    "epoch-average (paper)": "epoch-avg",
+    "local-sgd H=8": "lsgd-H8",
+    "allreduce": "allreduce",
+    "allreduce, sqrt lr, warmup 2, cosine": "ar-sqrt-cos",
+    TUNED_ALLREDUCE: "ar-tuned",
+}
 # What labtools recommends at large np: the selection study's choice (notebook 04, paper profile) by its
 # rule on validation data. tests/test_studies.py re-applies the rule to the stored runs and fails if this
 # is not what it picks.
@@ -48,6 +56,25 @@ def strategy_of(cfg: dict, names, table: dict | None = None) -> str | None:
         if all(cfg.get(f, getattr(default, f)) == want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS):
             return k
     return None
+
+
+def nearest_strategy(cfg: dict) -> str | None:
+    """The named strategy (STRATEGIES, then SELECTION_CANDIDATES) a run's config is, else the one of its
+    sync that differs from it in the fewest STRATEGY_FIELDS; None if no named strategy has its sync."""
+    from .config import RunConfig
+
+    named = {**SELECTION_CANDIDATES, **STRATEGIES}
+    exact = strategy_of(cfg, STRATEGIES) or strategy_of(cfg, SELECTION_CANDIDATES, SELECTION_CANDIDATES)
+    if exact:
+        return exact
+    default = RunConfig()
+
+    def distance(k):
+        want = named[k]
+        return sum(cfg.get(f, getattr(default, f)) != want.get(f, getattr(default, f)) for f in STRATEGY_FIELDS)
+
+    same_sync = [k for k in named if named[k].get("sync", default.sync) == cfg.get("sync", default.sync)]
+    return min(same_sync, key=distance) if same_sync else None
 
 
 def strategy_name(cfg: dict) -> str:

@@ -30,8 +30,8 @@ def results_section(profile_dir) -> str:
         lines += [head + ".", ""]
     if t2 is not None:
         p2 = paper.table2().set_index("np")
-        lines += ["Table 2 here (the paper profile: mean ± std over seeds; at chance = exact collapse or ≤ 11 % "
-                  "or every conv10 channel dead) beside the paper's test accuracy:", "",
+        lines += ["Table 2 here (the paper profile: mean ± std over seeds; at chance = exact collapse or ≤ 11 %) "
+                  "beside the paper's test accuracy:", "",
                   "| np | paper (%) | here (%) | seeds | at chance | verdict |", "|---|---|---|---|---|---|"]
         for r in t2.itertuples():
             pa = float(p2.loc[r.np, "test_acc_pct"]) if r.np in p2.index else float("nan")

@@ -109,5 +109,5 @@ def migrate(manifest: dict, summary: dict | None = None) -> tuple[dict, dict]:
         s["cluster_wall_time"] = m["cluster_wall_time"]
         if f"{ev}_loss" in s:
             s["collapsed"] = is_collapsed(s[f"{ev}_loss"])
-            s["at_chance"] = is_at_chance(s[f"{ev}_acc"], s.get("dead_conv10_frac"), s[f"{ev}_loss"])
+            s["at_chance"] = is_at_chance(s[f"{ev}_acc"], s[f"{ev}_loss"])
     return m, s

@@ -24,8 +24,8 @@ RULES = [
     f"**{COLLAPSED}**: the paper trained, every one of our seeds ended at chance.",
     f"**{NOT_COMPARABLE}**: times, speeds and memory: this machine is not the paper's Raspberry Pi 4 cluster; "
     "a shape (where an optimum lies) is compared where the paper makes a claim about it.",
-    f"'at chance': {CHANCE_ACC:.0%} test accuracy or less, an exact collapse (loss within 1e-3 of ln 10), or every "
-    "conv10 channel dead (labtools.metrics.is_at_chance).",
+    f"'at chance': {CHANCE_ACC:.0%} test accuracy or less, or an exact collapse (loss within 1e-3 of ln 10) "
+    "(labtools.metrics.is_at_chance).",
 ]
 
 
@@ -76,11 +76,19 @@ def accuracy_verdict(paper_acc: float, mean: float, n: int, at_chance: int) -> s
     return f"{REPRODUCED} ({d:+.1f} points)" if abs(d) <= TOL_POINTS else f"{DIFFERS} ({d:+.1f} points)"
 
 
-def _run_links(per_run, np_) -> str:
+def results_store(tables: Path, name: str) -> str | None:
+    """The results store a table's runs were read from, relative to the profile's folder (the
+    sidecar's results_store), or None for a table written before sidecars named it."""
+    side = tables / f"{name}.provenance.json"
+    return json.loads(side.read_text()).get("results_store") if side.exists() else None
+
+
+def _run_links(per_run, np_, store: str | None = None) -> str:
+    """Each seed's run: a link into the store the table was computed from, else its run id."""
     if per_run is None:
         return ""
     rows = per_run[per_run["np"] == np_]
-    return ", ".join(f"[s{int(r.seed)}](../../results/{r.experiment}/{r.run_id}/)" if "experiment" in per_run else
+    return ", ".join(f"[s{int(r.seed)}]({store}/{r.experiment}/{r.run_id}/)" if store and "experiment" in per_run else
                      f"s{int(r.seed)}: `{r.run_id}`" for r in rows.itertuples())
 
 
@@ -91,7 +99,7 @@ def _seeds(per_run, np_, col="test_acc_pct") -> str:
     return ", ".join(f"{getattr(r, col):.1f}" + ("*" if r.at_chance else "") for r in rows.itertuples())
 
 
-def table2_section(t2, per_run) -> tuple[list[str], list[str]]:
+def table2_section(t2, per_run, store: str | None = None) -> tuple[list[str], list[str]]:
     """(markdown lines, verdicts) for Table 2."""
     p2 = paper.table2().set_index("np")
     lines = ["## Table 2: strong scaling, row by row", "",
@@ -99,7 +107,7 @@ def table2_section(t2, per_run) -> tuple[list[str], list[str]]:
              "of 3 repeats; here: "
              "mean ± sample std over seeds, each seed listed, * = at chance). "
              "[table](tables/table2_strong_scaling.md) · [every run](tables/table2_strong_scaling_runs.md)", "",
-             "| np | paper test acc (%) | here (%) | n | each seed (%) | at chance (exact collapse) | paper train acc (%) | "
+             "| np | paper test acc (%) | here (%) | n | each seed (%) | at chance (of which exact collapse) | paper train acc (%) | "
              "here train acc (%) | verdict | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = []
@@ -112,7 +120,7 @@ def table2_section(t2, per_run) -> tuple[list[str], list[str]]:
         lines.append(f"| {r.np} | {_pm(pacc, None)} | {_pm(r.test_acc_pct_mean, r.test_acc_pct_std)} | {r.n_runs} | "
                      f"{_seeds(per_run, r.np)} | {r.at_chance} ({r.collapsed}) | "
                      f"{_pm(float(pp.mean_train_acc_pct), None) if pp is not None else '—'} | "
-                     f"{_pm(r.mean_train_acc_pct_mean, r.mean_train_acc_pct_std)} | {v} | {_run_links(per_run, r.np)} |")
+                     f"{_pm(r.mean_train_acc_pct_mean, r.mean_train_acc_pct_std)} | {v} | {_run_links(per_run, r.np, store)} |")
     lines += ["", "Wall time, speedup and efficiency (the paper: 24 Raspberry Pi 4 nodes, 2 ranks each):", "",
               "| np | paper wall (s) | here wall (s) | n timed | paper S | here S | paper E (%) | here E (%) | verdict |",
               "|---|---|---|---|---|---|---|---|---|"]
@@ -204,7 +212,7 @@ def build_report(out_dir) -> str:
     val, test = _read(tdir, "table_selection_validation"), _read(tdir, "table_selection_test")
     body, verdicts, glance = [], {}, []
     if t2 is not None:
-        lines, v = table2_section(t2, per_run)
+        lines, v = table2_section(t2, per_run, results_store(tdir, "table2_strong_scaling_runs"))
         body += lines + [""]
         verdicts["Table 2"] = v
         p2 = paper.table2().set_index("np")
@@ -237,7 +245,8 @@ def build_report(out_dir) -> str:
             k = v.split(" (")[0].split(":")[0]
             counts[k] = counts.get(k, 0) + 1
     head = [f"# Does the paper hold up? Reproduction report (profile `{out_dir.name}`)", "",
-            "Every number below is read from the tables in `tables/` (computed from the run records in `results/`) "
+            "Every number below is read from the tables in `tables/` (computed from the run records of "
+            f"{_store_named(tdir)}) "
             "and from the paper's printed Tables 1-2 (`labtools/paper.py`); this file is generated by "
             "`labtools report` / `labtools reproduce`, never edited by hand.", "",
             "## At a glance", ""] + [f"- {g}" for g in glance] + [
@@ -245,6 +254,14 @@ def build_report(out_dir) -> str:
             + ", ".join(f"{k}: {n}" for k, n in sorted(counts.items())) + ".", "",
             "Verdict rules:", ""] + [f"- {r}" for r in RULES] + [""]
     return "\n".join(head + body) + "\n"
+
+
+def _store_named(tdir: Path) -> str:
+    """The store(s) the tables were computed from, as their sidecars name them (relative to the report)."""
+    stores = sorted({s for p in tdir.glob("*.provenance.json")
+                     if (s := json.loads(p.read_text()).get("results_store"))})
+    return ("the results store " + ", ".join(f"`{s}/`" for s in stores) + ", a path relative to this file"
+            if stores else "the results store")
 
 
 def figures_section(out_dir: Path, t1, t2) -> list[str]:

@@ -32,6 +32,25 @@ def _rel(p: Path) -> str:
 LIVE_DEMOS = ("00_quickstart",)  # notebooks that start a pool (they show it at work): skipped by --stored-only
 
 
+def kernel_manager_class():
+    """papermill's kernel manager, less the SIGINT it sends a kernel it shuts down.
+
+    jupyter_client's shutdown_kernel interrupts the kernel first (SIGINT to its process group), then
+    asks it to shut down. A notebook papermill has finished has nothing to interrupt, and a kernel that is
+    still inside a message handler when the signal lands logs "[IPKernelApp] ERROR | KeyboardInterrupt
+    caught in kernel." to our terminal. The shutdown request (control channel) ends the kernel, and
+    jupyter_client still terminates, then kills, one that does not end in time."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class NoInterruptAtShutdown(AsyncKernelManager):
+        async def _async_interrupt_kernel(self) -> None:
+            if self.shutting_down:  # set by shutdown_kernel just before it interrupts
+                return
+            await super()._async_interrupt_kernel()
+
+    return NoInterruptAtShutdown
+
+
 def plan_work(profile: str, names, out_dir: Path, results_root, retime: bool = False) -> dict:
     """{science key: (work, config)} of the planned runs the store lacks, over all notebooks (each run
     counted once: studies share runs through the store)."""
@@ -161,8 +180,8 @@ def reproduce(profile: str = "quick", notebooks=None, out=None, results_root=Non
                                     "retime": retime, "write_store": write_store},
                         # the kernel's own start-up warnings (e.g. TCP without encryption) are not the run's news
                         extra_arguments=[] if verbose else ["--IPKernelApp.log_level=ERROR"],
-                        progress_bar=False, log_output=verbose, **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr)
-                                                                   if verbose else {}))
+                        progress_bar=False, log_output=verbose, kernel_manager_class=kernel_manager_class(),
+                        **(dict(stdout_file=sys.stdout, stderr_file=sys.stderr) if verbose else {}))
                 except pm.PapermillExecutionError as e:
                     raise ReproduceError(f"{name}: cell {e.exec_count} raised {e.ename}: {e.evalue} (executed notebook "
                                          f"with the error: {_rel(target)}; earlier outputs are kept)") from None

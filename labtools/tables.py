@@ -37,7 +37,7 @@ TABLE2_NOTES = [
     "science (N, config, seed) compute the same numbers whatever number of processes P hosts the N ranks "
     "(tests/test_equivalence.py, tests/test_training_mpi.py), so a row pools runs of any P; 'processes P' lists them.",
     "collapsed: test loss within 1e-3 of ln 10 = 2.3026 (the paper's criterion). at chance: collapsed, or test "
-    "accuracy <= 11 %, or every conv10 channel dead at the end (labtools.metrics.is_at_chance).",
+    "accuracy <= 11 % (labtools.metrics.is_at_chance).",
     "wall time: total training time of the slowest process (test evaluation excluded), mean over the runs "
     "that are timed as a cluster would be (one process per rank, no more processes than cores on any host). "
     "A row without such runs shows the mean of its runs and says why in 'wall time kind'.",

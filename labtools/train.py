@@ -198,7 +198,7 @@ def _evaluate_epoch(cfg, comm, w, epoch, rows, info, t_train, mon) -> tuple[dict
         "sync_s": info["sync_s"], "syncs": info["syncs"], "weight_divergence": info["divergence"],
         "grad_norm": sum(x["grad_norm"] for x in flat) / len(flat), "eval_s": t_eval,
         "lr": w._lr_now, "collapsed": is_collapsed(loss),
-        "at_chance": is_at_chance(acc, diag.get("dead_conv10_frac"), loss), **diag,
+        "at_chance": is_at_chance(acc, loss), **diag,
     }
     _say(cfg, f"[Root] Epoch {epoch + 1}/{cfg.epochs} {eset}_acc={100 * acc:.2f}% {eset}_loss={loss:.4f} wall={slow:.2f}s"
               + (f" dead_conv10={100 * diag['dead_conv10_frac']:.0f}%" if diag else ""))

@@ -129,6 +129,6 @@ def fresh_main(cifar_dir, tmp_path_factory) -> FreshMain:
     fm = FreshMain(tmp_path_factory.mktemp("fresh") / "labtools", cifar_dir)
     t0 = time.monotonic()
     r = fm.main()
-    fm.first_run_s, fm.first_out = time.monotonic() - t0, r.stdout
+    fm.first_run_s, fm.first_out, fm.first_err = time.monotonic() - t0, r.stdout, r.stderr
     assert r.returncode == 0, f"the main job failed in a fresh clone:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return fm

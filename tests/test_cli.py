@@ -10,6 +10,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -50,8 +51,8 @@ def test_every_option_says_its_default_and_lists_its_choices(cmd, capsys):
     flat = " ".join(out.split())  # the help as one line: wrapping may split any phrase
     fmt = sub._get_formatter()
     for a in sub._actions:
-        if isinstance(a, argparse._HelpAction):
-            continue
+        if isinstance(a, argparse._HelpAction) or a.help == argparse.SUPPRESS:
+            continue  # --help itself; a test hook (left out of --help: test_train_help_is_grouped...)
         assert a.help, f"{cmd} {a.option_strings or a.dest} has no help"
         text = fmt._get_help_string(a)
         takes_value = a.nargs != 0 or isinstance(a, argparse.BooleanOptionalAction)
@@ -64,7 +65,8 @@ def test_every_option_says_its_default_and_lists_its_choices(cmd, capsys):
 
 def test_help_texts_that_the_issue_names(capsys):
     train = " ".join(_help(["train"], capsys).split())
-    assert "--sync {epoch-average,local-sgd,allreduce}" in train and "(default: epoch-average)" in train
+    assert "--sync NAME sync strategy: epoch-average (the paper), local-sgd, allreduce" in train
+    assert "(default: epoch-average)" in train
     assert "--shuffle, --no-shuffle" in train and "(default: --no-shuffle)" in train
     assert "--verbose" in train and "(default: 0.0005)" in train  # --lr's help says "by default" in words
     out = RunConfig().out
@@ -79,6 +81,38 @@ def test_help_texts_that_the_issue_names(capsys):
     assert "smoke (" in rep and "(default: quick)" in rep and "papermill" in rep
     report = " ".join(_help(["report"], capsys).split())
     assert "which profile's tables" in report and "(default: paper)" in report
+
+
+def test_train_help_is_grouped_and_hides_test_hooks(capsys):
+    from labtools.config import FLAG_GROUPS, TEST_HOOKS
+
+    text = _help(["train"], capsys)
+    titles = [line[:-1] for line in text.splitlines() if line and not line[0].isspace() and line.endswith(":")]
+    assert titles == ["options", *FLAG_GROUPS], titles
+    groups = dict(zip(titles, re.split(r"^\S.*:$", text, flags=re.M)[-len(titles):]))
+    for title, names in FLAG_GROUPS.items():
+        for name in names:
+            assert f"--{name.replace('_', '-')}" in groups[title], (name, title)
+    for flag in ("--resume", "--no-keeper", "--verbose"):
+        assert flag in groups["run control"]
+    assert "--inject-failure" not in text and "inject" not in text
+    # every RunConfig field is a flag in exactly one group, or a test hook
+    named = [n for ns in FLAG_GROUPS.values() for n in ns]
+    assert sorted(named + list(TEST_HOOKS)) == sorted(f.name for f in fields(RunConfig))
+    # --cifar-dir says where the search looks: anchored to the project, never the current folder
+    flat = " ".join(groups["data"].split())
+    assert "$CIFAR10_DIR, <project root>/data/cifar-10-batches-py (the labtools checkout, not the current folder" in flat
+    assert "~/.keras/datasets/cifar-10-batches-py" in flat
+    assert len(text.splitlines()) < 120  # 142 before the groups (usage listing every flag, long metavars)
+
+
+def test_a_hidden_test_hook_still_parses_and_is_validated(capsys):
+    ns = cli.build_parser().parse_args(["train", "--inject-failure", "1:2:hang", "--epochs", "3"])
+    cfg = RunConfig.from_args(ns).validate()
+    assert cfg.inject_failure == "1:2:hang" and cfg.epochs == 3
+    ns = cli.build_parser().parse_args(["train", "--inject-failure", "x"])
+    with pytest.raises(ValueError, match="--inject-failure takes RANK:EPOCH"):
+        RunConfig.from_args(ns).validate()
 
 
 # ---------------------------------------------------------------- usage errors
@@ -129,36 +163,79 @@ def store(tmp_path):
     return tmp_path
 
 
-def _table(argv, capsys) -> tuple[list[str], list[list[str]], str]:
+def _table(argv, capsys) -> tuple[list[str], list[str], str]:
+    """(header, run rows, the whole output): experiment lines ("sweep:") and the notes under the table
+    are not run rows."""
     assert cli.main(["runs", *argv]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    return lines[0].split(), lines[1:], out
+    rows = [line for line in lines[1:] if line.startswith("run-")]
+    return lines[0].split(), rows, out
 
 
 def test_runs_lists_the_store_newest_first_with_its_columns(store, capsys):
     header, rows, out = _table(["--results", str(store)], capsys)
-    assert header == ["run", "experiment", "status", "np", "P", "strategy", "seed", "epochs", "accuracy", "wall", "age"]
+    assert header == ["run", "np", "P", "strategy", "seed", "epochs", "result", "wall", "ago"]
     assert [r.split()[0] for r in rows] == ["run-b", "run-a", "run-c"]  # newest first
+    lines = out.splitlines()
+    assert lines[1] == "sweep:" and lines[4] == "other:"  # grouped by experiment, the newest group first
     b, a, c = rows
-    assert a.split()[:5] == ["run-a", "sweep", COMPLETED, "4", "2"]
-    assert re.search(r"\ballreduce\s+1\s+2\s+43\.21% test\s+1m15s\s+3 h ago$", a), a
-    assert b.split()[:5] == ["run-b", "sweep", FAILED, "2", "2"]
-    assert re.search(r"local-sgd H=8\s+0\s+1/3\s+10 min ago$", b), b  # no accuracy, no wall time
-    assert c.split()[:3] == ["run-c", "other", INTERRUPTED]
-    assert re.search(r"\blocal-sgd\s+0\s+0/3\s+2 d ago$", c), c
-    # the columns line up: every row's status starts where the header's does
-    col = out.splitlines()[0].index("status")
-    assert all(r[col:].split()[0] in (COMPLETED, FAILED, INTERRUPTED) for r in rows)
+    assert a.split()[:3] == ["run-a", "4", "2"]
+    assert re.search(r"\ballreduce\s+1\s+2\s+43\.21%\s+1m15s\s+3 h$", a), a
+    assert b.split()[:3] == ["run-b", "2", "2"]
+    assert re.search(r"lsgd-H8\s+0\s+1/3\s+failed\s+10 min$", b), b  # no accuracy, no wall time
+    # local-sgd H=16 is no named strategy: the nearest one, marked, and the mark says how it differs
+    assert re.search(r"\blsgd-H8 \[a\]\s+0\s+0/3\s+interrupted\s+2 d$", c), c
+    assert "[a] sync every 16" in lines and "strategies: lsgd-H8 = local-sgd H=8" in out
+    # the columns line up: every row's result starts where the header's does
+    col = lines[0].index("result")
+    assert [r[col:].split()[0] for r in rows] == [FAILED, "43.21%", INTERRUPTED]
+
+
+def test_runs_fit_100_columns_and_tell_different_configs_apart(capsys):
+    """The committed store, every run: no line wider than 100 columns; two runs that look the same in the
+    table (strategy and its mark, np, seed, epochs) compute the same thing (one science key)."""
+    _, rows, out = _table(["--results", str(REPO / "results"), "--all"], capsys)
+    wide = [line for line in out.splitlines() if len(line) > 100]
+    assert not wide, wide[:3]
+    look = {}
+    for r in listing.run_rows(REPO / "results"):
+        cfg = RunConfig(**{k: v for k, v in r["config"].items() if k in RunConfig.__dataclass_fields__})
+        key = (r["strategy"], tuple(r["variant"]), r["np"], r["seed"], r["epochs"])  # a mark stands for its variant
+        look.setdefault(key, set()).add(cfg.science_key(r["np"]))
+    assert len(look) > 50 and all(len(v) == 1 for v in look.values()), [k for k, v in look.items() if len(v) > 1]
+
+
+def test_runs_long_and_one_run_show_the_details(store, capsys):
+    assert cli.main(["runs", "--results", str(store), "--long"]) == 0
+    out = capsys.readouterr().out
+    blocks = out.strip().split("\n\n")
+    assert [b.split()[0] for b in blocks] == ["run-b", "run-a", "run-c"]
+    b = " ".join(blocks[0].split())
+    assert "status failed, epochs 1/3: RankFailure: process 1 failed" in b and "strategy local-sgd H=8" in b
+    assert f"folder {os.path.relpath(store / 'sweep' / 'run-b')}" in b
+    c = " ".join(blocks[2].split())
+    assert "differs sync every 16" in c and "status interrupted" in c
+    for argv in (["run-a"], ["sweep/run-a"], [str(store / "sweep" / "run-a")], ["run-a", "--experiment", "sweep"]):
+        assert cli.main(["runs", "--results", str(store), *argv]) == 0, argv
+        one = " ".join(capsys.readouterr().out.split())
+        assert one.startswith("run-a (sweep) status completed, epochs 2, 43.21% test accuracy"), one
+        assert "strategy allreduce" in one and "np 4 on 2 processes" in one and "wall 1m15s" in one
+        assert "files manifest.json" in one and "summary.json" in one and "config: np 4 batch_per_node 24" in one
+    assert cli.main(["runs", "--results", str(store), "run-"]) == 2  # three runs start so: which one?
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "3 runs in" in err and "give more of the run id" in err
+    assert cli.main(["runs", "--results", str(store), "run-x"]) == 2
+    assert capsys.readouterr().err == f"labtools: error: no run 'run-x' in {store} (`labtools runs --all` lists them).\n"
 
 
 def test_runs_filters_an_experiment_and_shows_the_newest_unless_all(store, capsys, monkeypatch):
     _, rows, _ = _table(["--results", str(store), "--experiment", "other"], capsys)
     assert [r.split()[0] for r in rows] == ["run-c"]
     monkeypatch.setattr(listing, "NEWEST", 2)
-    _, rows, _ = _table(["--results", str(store)], capsys)
-    assert [r.split()[0] for r in rows[:2]] == ["run-b", "run-a"]
-    assert rows[2] == "(2 newest of 3 runs; --all lists every one)"
+    _, rows, out = _table(["--results", str(store)], capsys)
+    assert [r.split()[0] for r in rows] == ["run-b", "run-a"]
+    assert out.splitlines()[-1] == "(2 newest of 3 runs; --all lists every one)"
     _, rows, _ = _table(["--results", str(store), "--all"], capsys)
     assert len(rows) == 3
 
@@ -169,8 +246,10 @@ def test_runs_lists_a_running_and_an_unreadable_record(store, capsys):
     (store / "other" / "run-e" / "manifest.json").write_text("{not json")
     _, rows, _ = _table(["--results", str(store), "--experiment", "other"], capsys)
     by = {r.split()[0]: r for r in rows}
-    assert by["run-d"].split()[2] == "running" and by["run-d"].endswith("just now")
-    assert "unreadable (JSONDecodeError)" in by["run-e"]
+    assert re.search(r"\bepoch-avg\s+0\s+0/5\s+running\s+just now$", by["run-d"]), by["run-d"]
+    assert by["run-e"].split()[1] == "unreadable"
+    assert cli.main(["runs", "--results", str(store), "--long", "--experiment", "other"]) == 0
+    assert "status unreadable (JSONDecodeError)" in " ".join(capsys.readouterr().out.split())
 
 
 def test_runs_on_an_empty_or_missing_store_is_one_sentence(tmp_path, capsys):

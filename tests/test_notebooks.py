@@ -98,6 +98,24 @@ def test_report_written(smoke):
     assert (smoke / "figures" / "smoke" / "REPORT.html").is_file()
 
 
+def test_the_main_job_shows_no_kernel_log_lines(fresh_main):
+    """The terminal of `make main` carries labtools' lines, not the notebook kernels' own log (e.g. "[IPKernelApp]
+    ERROR | KeyboardInterrupt caught in kernel.", which the SIGINT of a kernel shutdown caused: see
+    test_reproduce_live.test_papermill_shuts_kernels_down_without_a_sigint)."""
+    said = fresh_main.first_out + fresh_main.first_err
+    assert "[IPKernelApp]" not in said and "KeyboardInterrupt" not in said, said[-3000:]
+
+
+def test_report_links_resolve_into_the_store_used(fresh_main):
+    """Every link of the smoke REPORT resolves (run links into results/local/, the store `make main` used),
+    and each seed's at-chance mark is what its record says (<= 11 % or an exact collapse)."""
+    from report_check import report_problems
+
+    out = fresh_main.figures / "smoke"
+    assert report_problems(out) == []
+    assert "](../../results/local/scaling-smoke/" in (out / "REPORT.md").read_text()
+
+
 def test_notebooks_show_their_figures(smoke):
     nb = json.loads((smoke / "figures" / "smoke" / "executed" / "02_strong_scaling.ipynb").read_text())
     pngs = [o for c in nb["cells"] for o in c.get("outputs", []) if "image/png" in o.get("data", {})]

@@ -79,9 +79,11 @@ def test_migrate_numerics_from_the_commit():
 def test_outcome_definitions():
     assert metrics.is_collapsed(math.log(10) + 5e-4) and not metrics.is_collapsed(2.29)
     assert metrics.is_at_chance(0.11) and not metrics.is_at_chance(0.1101)
-    assert metrics.is_at_chance(0.19, dead_conv10_frac=1.0) and not metrics.is_at_chance(0.19, dead_conv10_frac=0.8)
     assert metrics.is_at_chance(0.5, loss=math.log(10))  # a superset of the exact collapse
-    assert not metrics.is_at_chance(0.5, dead_conv10_frac=float("nan"))
+    assert not metrics.is_at_chance(0.199, loss=2.1)  # 19.9 %: trains, whatever the conv10 probe says
+    # a record whose probe found every conv10 channel dead is at chance only by its accuracy or loss
+    _, s = records.migrate(_old(), {"test_acc": 0.199, "test_loss": 2.1, "dead_conv10_frac": 1.0})
+    assert not s["at_chance"] and not s["collapsed"]
 
 
 def test_load_runs_says_when_a_folder_holds_no_records(tmp_path):

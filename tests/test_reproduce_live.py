@@ -91,3 +91,35 @@ def test_watcher_keeps_its_store_when_papermill_changes_the_working_directory(tm
     shutil.copytree(_a_stored_run(), tmp_path / "store" / "exp" / "run")
     w.scan()
     assert "[run] finished" in out.getvalue() and "; 1 run done, ~" in out.getvalue()
+
+
+def test_papermill_shuts_kernels_down_without_a_sigint(tmp_path):
+    """jupyter_client's shutdown_kernel first sends the kernel SIGINT; one that lands while the kernel is in
+    a message handler prints "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel." on the terminal of
+    `labtools reproduce`. Its kernel manager ends kernels by the shutdown request alone. Here a kernel records
+    every SIGINT it gets (the handler ipykernel restores after a cell), once under jupyter_client's own
+    manager (the signal is sent) and once under reproduce's (none is)."""
+    import asyncio
+
+    from jupyter_client.manager import AsyncKernelManager
+
+    async def sigints(cls) -> str:
+        marker = tmp_path / cls.__name__
+        km = cls(kernel_name="python3")
+        await km.start_kernel(extra_arguments=["--IPKernelApp.log_level=ERROR"])
+        kc = km.client()
+        kc.start_channels()
+        try:
+            await kc.wait_for_ready(timeout=60)
+            reply = await kc.execute_interactive(
+                f"get_ipython().kernel.saved_sigint_handler = lambda *a: open({str(marker)!r}, 'a').write('SIGINT')",
+                timeout=60)
+            assert reply["content"]["status"] == "ok", reply["content"]
+        finally:
+            kc.stop_channels()
+            await km.shutdown_kernel()
+        assert not await km.is_alive()  # the kernel ended all the same
+        return marker.read_text() if marker.exists() else ""
+
+    assert asyncio.run(sigints(AsyncKernelManager)) == "SIGINT"
+    assert asyncio.run(sigints(reproduce.kernel_manager_class())) == ""
