@@ -32,8 +32,10 @@ def project_root() -> Path:
 
 
 def data_home() -> Path:
-    """Where CIFAR-10 is looked for second-to-last and downloaded to: <checkout>/data, else the per-user
-    data folder (e.g. ~/.local/share/labtools on Linux)."""
+    """Where CIFAR-10 is looked for second-to-last and downloaded to: $LABTOOLS_DATA_HOME (e.g. a node's
+    local scratch), else <checkout>/data, else the per-user data folder (~/.local/share/labtools on Linux)."""
+    if os.environ.get("LABTOOLS_DATA_HOME"):
+        return Path(os.environ["LABTOOLS_DATA_HOME"]).expanduser()
     root = checkout()
     if root is not None:
         return root / "data"

@@ -349,7 +349,8 @@ def _probe(tmp_path, **env) -> subprocess.CompletedProcess:
         (d / "tests" / "test_probe.py").write_text(PROBE)
         (d / "pytest.ini").write_text("[pytest]\nmarkers =\n    slow: probe\n")
     e = {k: v for k, v in os.environ.items() if k not in ("CI", "CIFAR10_DIR")}
-    e.update(HOME=str(tmp_path), **env)  # no ~/.keras/datasets, no data/ under the probe's folder
+    # no ~/.keras/datasets, no data/ under the probe's folder, and not the project's data/ either
+    e.update(HOME=str(tmp_path), LABTOOLS_DATA_HOME=str(tmp_path / "no-data"), **env)
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", "tests"],
                           cwd=d, env=e, capture_output=True, text=True, timeout=300)
 
