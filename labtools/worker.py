@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as D
-from . import mpi_op
+from . import kernels, mpi_op
 from .comm import Comm
 from .config import RunConfig, sharded_adam
 from .fused_adam import FusedAdam
@@ -98,6 +98,8 @@ class Worker:
         self.shapes = [tuple(v.shape) for v in self.tvars]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         self.n_params = sum(self.sizes)
+        # the kernels every process can load (collective): a process alone on another path would hang
+        self.kernels = kernels.agree(comm, cfg)
 
         # Root's initial weights everywhere (§3.2.3: identical start on every rank).
         w0 = comm.bcast(_flat(self.tvars) if comm.is_root else None)
@@ -191,7 +193,8 @@ class Worker:
     # ------------------------------------------------------------------ graphs
     def _build_functions(self) -> None:
         model, opt, tvars = self.model, self.opt, self.tvars
-        fused = FusedAdam(opt, tvars) if self.cfg.optimizer == "adam" else None
+        use = self.kernels.use
+        fused = FusedAdam(opt, tvars, use_kernel=use.get("fused_adam", False)) if self.cfg.optimizer == "adam" else None
 
         def update(grads):  # the optimizer step; returns the gradient's global norm
             if fused is not None:
@@ -235,8 +238,10 @@ class Worker:
             return steps(local_step, x, y, k, lrs)
 
         sizes, shapes = self.sizes, self.shapes
-        mpi = mpi_op.allreduce_op() if self.P > 1 and self.cfg.sync == "allreduce" else None
-        comm_f = np.int64(self.comm.c.py2f()) if self.P > 1 else None
+        mpi = mpi_op.allreduce_op() if use.get("mpi_op") else None
+        # the ops' messages go on a duplicate of the job's communicator (never matching labtools.comm's)
+        self._op_comm = mpi_op.ops_comm(self.comm.c) if mpi is not None else None
+        comm_f = np.int64(self._op_comm.py2f()) if mpi is not None else None
 
         # Two processes: Adam sharded between them (ops/mpi_allreduce.cc, LabtoolsShardedAdam): each
         # sums and updates half the parameters and sends the other its half of the new weights. The
@@ -347,11 +352,16 @@ class Worker:
 
     def post_step_failure(self) -> None:
         """Join the current step's exchange with the error flag set, so peers do not wait forever."""
-        if not self.sharded:
+        if self._op_comm is None:
             self.comm.fail_step(self.n_params)
             return
         with self.comm.waiting("a failed synchronous step's exchange"):
-            mpi_op.fail_sharded_step(self.comm.c, self.sizes)
+            if self.sharded:
+                mpi_op.fail_sharded_step(self._op_comm, self.sizes)
+            else:  # the in-graph Allreduce's buffer, the flag set (as comm.fail_step, on the op's communicator)
+                buf = np.zeros(self.n_params + 1, np.float32)
+                buf[-1] = 1.0
+                self._op_comm.Allreduce(self.comm.MPI.IN_PLACE, buf, op=self.comm.MPI.SUM)
 
     # ------------------------------------------------------------------ batches
     def batch(self, idx: np.ndarray, epoch: int):

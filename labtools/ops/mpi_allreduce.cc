@@ -25,6 +25,18 @@
 using namespace tensorflow;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
+// These ops call MPI from TensorFlow's executor threads, not the thread that initialised MPI: that
+// needs MPI_THREAD_SERIALIZED at least (labtools.mpi_op checks it before it loads the library; this
+// guards any other caller). The messages go on the communicator given, a duplicate of the job's
+// (labtools.mpi_op.ops_comm), so their tags never meet the Python side's.
+static absl::Status thread_level_ok() {
+  int level = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&level);
+  if (level >= MPI_THREAD_SERIALIZED) return absl::OkStatus();
+  return absl::FailedPreconditionError("MPI was initialised below MPI_THREAD_SERIALIZED (level " +
+                                       std::to_string(level) + "); the labtools MPI ops need it");
+}
+
 REGISTER_OP("LabtoolsAllreduce")
     .Input("buf: float")
     .Input("comm_f: int64")
@@ -37,7 +49,7 @@ REGISTER_OP("LabtoolsAllreduce")
 
 class LabtoolsAllreduceOp : public OpKernel {
  public:
-  explicit LabtoolsAllreduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LabtoolsAllreduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, thread_level_ok()); }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& in = ctx->input(0);
@@ -163,6 +175,7 @@ class LabtoolsShardedAdamOp : public OpKernel {
  public:
   explicit LabtoolsShardedAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx, thread_level_ok());
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -301,6 +314,7 @@ class LabtoolsShardGatherOp : public OpKernel {
  public:
   explicit LabtoolsShardGatherOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx, thread_level_ok());
   }
 
   void Compute(OpKernelContext* ctx) override {
