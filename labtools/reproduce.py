@@ -21,6 +21,17 @@ class ReproduceError(RuntimeError):
     pass
 
 
+def notebooks_dir() -> Path:
+    """The notebooks: a checkout's notebooks/ (an editable install), else the copy a wheel installs
+    under sys.prefix/share/labtools/notebooks (pyproject's data-files)."""
+    for d in (ROOT / "notebooks", Path(sys.prefix) / "share" / "labtools" / "notebooks"):
+        if (d / f"{NOTEBOOKS[0]}.ipynb").exists():
+            return d
+    raise ReproduceError(f"no notebooks: neither a checkout's {ROOT / 'notebooks'} nor the installed "
+                         f"{Path(sys.prefix) / 'share' / 'labtools' / 'notebooks'} holds them; reinstall labtools "
+                         "from its wheel or run from a clone")
+
+
 def _rel(p: Path) -> str:
     """papermill stores the paths it is given in the executed notebook: keep them machine-neutral."""
     try:
@@ -90,7 +101,7 @@ def reproduce(profile: str = "quick", notebooks=None, out="figures", results_roo
 
     from .live import StoreWatcher, overall_bar
 
-    nb_dir = Path(notebook_dir) if notebook_dir else ROOT / "notebooks"
+    nb_dir = Path(notebook_dir) if notebook_dir else notebooks_dir()
     names = list(notebooks or NOTEBOOKS)
     unknown = [n for n in names if not (nb_dir / f"{n}.ipynb").exists()]
     if unknown:

@@ -48,7 +48,9 @@ rm -f "$WHEELS"/labtools-*.whl
 mkdir -p "$WHEELS"
 "$PY" -m pip wheel -q --no-deps -w "$WHEELS" "$REPO"
 tfv=$("$PY" -c 'import tensorflow as tf; print(tf.__version__)')
-"$PY" -m pip download -q --only-binary=:all: --platform manylinux2014_aarch64 --platform manylinux_2_28_aarch64 \
+# pip matches --platform tags exactly: list every manylinux level bookworm's glibc (2.36) runs
+plats=(--platform manylinux2014_aarch64); for v in 17 24 26 27 28 29 31 32 33 34 35 36; do plats+=(--platform "manylinux_2_${v}_aarch64"); done
+"$PY" -m pip download -q --only-binary=:all: "${plats[@]}" \
   --python-version 3.11 --implementation cp -d "$WHEELS" \
   "tensorflow==$tfv" "mpi4py>=4" mpich numpy psutil tqdm pandas
 t_wheels=$(( $(date +%s) - t0 ))

@@ -8,6 +8,8 @@
 // back with MPI_Comm_f2c. The buffer's last element is the failure flag (labtools.comm.fail_step): a
 // peer that failed joins the Allreduce with it set, and this op then fails with PEER_MARK.
 #define EIGEN_USE_THREADS  // training_op_helpers.h instantiates the CPU (thread pool) device
+#define OMPI_SKIP_MPICXX 1   // mpi.h as C: Open MPI's C++ bindings would need libmpi_cxx
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <algorithm>
