@@ -96,7 +96,7 @@ class TreeSampler:
         self._t.join()
 
 
-def mpi_run(limit_train: int, epochs: int, out: Path) -> dict:
+def mpi_run(limit_train: int, epochs: int, out: Path, timeout: float = 3600) -> dict:
     env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "TF_CPP_MIN_LOG_LEVEL": "2"}
     args = ["train", "--np", "2", "--epochs", str(epochs), "--limit-train", str(limit_train), "--threads", "1",
             "--out", str(out), "--experiment", "memory", "--quiet"]
@@ -104,7 +104,12 @@ def mpi_run(limit_train: int, epochs: int, out: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     with TreeSampler(psutil.Process(proc.pid)) as s:
-        log, _ = proc.communicate(timeout=900)
+        try:
+            log, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.terminate()  # mpiexec passes it to the ranks: nothing outlives the benchmark
+            proc.communicate(timeout=60)
+            raise SystemExit(f"{' '.join(cmd)} took over {timeout:.0f} s; stopped")
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({proc.returncode}):\n{log[-3000:]}")
     run_dir = next((out / "memory").glob("*/summary.json")).parent

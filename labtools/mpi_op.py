@@ -113,10 +113,13 @@ def ops_comm(comm):
     """A duplicate of the mpi4py communicator ``comm`` for the ops' messages (one per communicator and
     process, made once: Dup is collective, and a pool's engines run many jobs on one COMM_WORLD), so
     their tags never match a message of labtools.comm's."""
+    from mpi4py import MPI
+
     key = comm.py2f()
-    if key not in _dups:
-        _dups[key] = comm.Dup()
-    return _dups[key]
+    dup = _dups.get(key)
+    if dup is None or MPI.Comm.Compare(dup, comm) != MPI.CONGRUENT:  # a handle reused by another group
+        dup = _dups[key] = comm.Dup()
+    return dup
 
 
 def allreduce_op():

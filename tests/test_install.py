@@ -60,6 +60,12 @@ def baseline(cifar_dir, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="module")
+def kernel_cache(tmp_path_factory) -> str:
+    """The wheel venv's kernel cache, shared by its tests (fused Adam is built once)."""
+    return str(tmp_path_factory.mktemp("kernels"))
+
+
+@pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
     dist = tmp_path_factory.mktemp("dist")
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(dist), str(REPO)],
@@ -83,7 +89,7 @@ def test_the_wheel_is_the_whole_package(wheel):
     names = set(zipfile.ZipFile(wheel).namelist())
     for f in ("labtools/ops/adam_update.h", "labtools/ops/fused_adam.cc", "labtools/ops/mpi_allreduce.cc"):
         assert f in names, f
-    data = [n for n in names if "/data/data/share/labtools/notebooks/" in n]
+    data = [n for n in names if ".data/data/share/labtools/notebooks/" in n]
     assert any(n.endswith("/00_quickstart.ipynb") for n in data) and any(n.endswith("/jupytext.toml") for n in data), data
     meta = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: MIT" in meta and any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
@@ -107,13 +113,13 @@ def test_base_install_has_no_notebook_stack_and_says_its_version(venv):
     assert r.returncode == 0 and r.stdout.strip() == f"labtools {__version__}", r.stdout + r.stderr
 
 
-def test_site_open_mpi_gives_the_mpich_wheels_digests(venv, baseline, cifar_dir, tmp_path):
+def test_site_open_mpi_gives_the_mpich_wheels_digests(venv, baseline, kernel_cache, cifar_dir, tmp_path):
     """The README's site-MPI route: no `mpich` extra, mpi4py loads Debian's Open MPI at run time, its
     mpirun starts the ranks; the in-graph op is built against Open MPI's mpi.h, on every process."""
     if not shutil.which(OPENMPI):
         pytest.fail(f"{OPENMPI} not found: apt-get install openmpi-bin libopenmpi-dev (.ci/run does)")
     env = _clean_env(venv, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-                     LABTOOLS_KERNEL_CACHE=str(tmp_path / "kernels"))
+                     LABTOOLS_KERNEL_CACHE=kernel_cache)
     for sync in ("allreduce", "epoch-average"):
         t = time.time()
         r = subprocess.run([OPENMPI, "-n", "2", str(venv / "bin" / "labtools"), "train", *TINY, "--sync", sync,
@@ -152,11 +158,12 @@ def test_a_rank_without_a_kernel_turns_it_off_everywhere(baseline, cifar_dir, tm
     assert s["final_weight_digests"] == baseline["allreduce"]
 
 
-def test_wheel_with_the_mpich_extra_runs_both_kernels_on_every_rank(venv, wheel, baseline, cifar_dir, tmp_path):
+def test_wheel_with_the_mpich_extra_runs_both_kernels_on_every_rank(venv, wheel, baseline, kernel_cache, cifar_dir,
+                                                                     tmp_path):
     r = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", f"{wheel}[mpich]"], capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
-    env = _clean_env(venv, LABTOOLS_KERNEL_CACHE=str(tmp_path / "kernels"))
+    env = _clean_env(venv, LABTOOLS_KERNEL_CACHE=kernel_cache)
     r = subprocess.run([str(venv / "bin" / "labtools"), "kernels", "build"], capture_output=True, text=True, env=env,
                        timeout=400)
     assert r.returncode == 0 and "FAILED" not in r.stdout, r.stdout + r.stderr[-2000:]
