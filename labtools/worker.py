@@ -286,9 +286,8 @@ class Worker:
             return steps(allreduce_step, x, y, k, lrs, inv_global)
 
         @tf.function(input_signature=spec[:2], reduce_retracing=True)
-        def evaluate(x, y):
-            per, correct = forward(x, y, tf.zeros_like(y), False)
-            return tf.reduce_sum(per), tf.reduce_sum(correct)
+        def evaluate(x, y):  # per-sample losses and correctness (summed per eval batch by Worker.evaluate)
+            return forward(x, y, tf.zeros_like(y), False)
 
         self.local_steps, self.allreduce_steps, self.evaluate_fn = map(_concrete, (local_steps, allreduce_steps, evaluate))
 
@@ -385,10 +384,16 @@ class Worker:
         loss = correct = 0.0
         for i in range(0, len(idx), self.cfg.eval_batch):
             j = idx[i:i + self.cfg.eval_batch]
-            l, c = self.evaluate_fn(D.preprocess(self.xte[j], self.cfg.preprocess), self.yte[j])
-            loss += float(l)
-            correct += float(c)
+            # The forward pass in chunks: the activations of EVAL_CHUNK images at a time, not of a whole eval
+            # batch (500 images held +50-70 MB on every rank); per-sample values do not depend on the chunk,
+            # and the float32 sum is still one reduce_sum over the eval batch, so the totals are the same bits.
+            per, ok = zip(*(self.evaluate_fn(D.preprocess(self.xte[j[k:k + self.EVAL_CHUNK]], self.cfg.preprocess),
+                                             self.yte[j[k:k + self.EVAL_CHUNK]]) for k in range(0, len(j), self.EVAL_CHUNK)))
+            loss += float(tf.reduce_sum(tf.concat(per, 0)))
+            correct += float(tf.reduce_sum(tf.concat(ok, 0)))
         return loss, correct
+
+    EVAL_CHUNK = 100
 
     PROBE_CHUNK = 32  # images per probe call: the root holds every layer's activations of one chunk only
 
