@@ -66,6 +66,7 @@ trap cleanup EXIT
 mount -t proc proc "$ROOT/proc"; mounts=("$ROOT/proc" "${mounts[@]}")
 bind /dev "$ROOT/dev"
 bind /dev/shm "$ROOT/dev/shm"
+bind /sys "$ROOT/sys"  # hwloc (MPICH) reads the CPU topology there
 bind "$REPO/bench" "$ROOT/work/repo"
 bind "$WHEELS" "$ROOT/work/wheels"
 bind "$data" "$ROOT/work/cifar"
