@@ -5,13 +5,23 @@ BIN    := $(VENV)/bin
 PROFILE ?= quick
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: main figures test venv notebooks lab train-np2 bench
+.PHONY: main figures test venv notebooks lab train-np2 bench check-arm
+
+# The MPI: `mpich` (the PyPI wheel, default) or `site` (the machine's own MPI, loaded by mpi4py at run
+# time; README "A site MPI"). The choice is remembered in the venv, so a later `make` never reinstalls
+# the wheel over a site MPI: `make venv MPI=site` once, plain `make ...` afterwards.
+MPI ?= $(shell cat $(VENV)/mpi-choice 2>/dev/null || echo mpich)
+comma := ,
+EXTRAS := notebooks,test$(if $(filter mpich,$(MPI)),$(comma)mpich)
 
 venv: $(BIN)/.installed
 $(BIN)/.installed: pyproject.toml
+	@case "$(MPI)" in mpich|site) ;; *) echo "MPI must be mpich or site, not $(MPI)"; exit 2;; esac
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q -U pip
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[$(EXTRAS)]'
+	if [ "$(MPI)" = site ]; then $(BIN)/python -m pip uninstall -q -y mpich 2>/dev/null || true; fi
+	echo $(MPI) > $(VENV)/mpi-choice
 	touch $@
 
 # notebooks/NAME.py is the tracked source; NAME.ipynb is made from it (and kept in step by jupytext in
@@ -45,3 +55,8 @@ test: venv
 # Every benchmark (an idle machine, about 25 minutes here); JSON under bench/results, table in the README.
 bench: venv
 	$(BIN)/python -m bench
+
+# The wheel on an emulated arm64 Debian (debootstrap + qemu-user-static; root; about 20 minutes from
+# scratch, cached afterwards): kernels built there, a tiny np=2 training -> bench/results/arm64.json.
+check-arm: venv
+	nice -n 5 bench/arm64/check.sh

@@ -86,6 +86,11 @@ def rows(root: Path) -> list[tuple[str, str, str, str]]:
         vals = [r.get(key) for r in np2.get(where, {}).values()]
         out.append((label, " / ".join(mb(v) for v in vals) + " (rank 0 / 1)" if vals else "not measured", goal,
                     "memory.json"))
+    ten = (_load(res, "memory_np2_10epochs.json") or {}).get("mpi_np2", {})
+    for label, key in (("peak RSS of the root, np = 2, 10 epochs on all 50,000 images", "root_peak_rss_mb"),
+                       ("peak RSS of the other rank, np = 2, 10 epochs on all 50,000 images", "non_root_peak_rss_mb")):
+        v = ten.get(key)
+        out.append((label, "not measured" if v is None else mb(v), "<= 800 MB", "memory_np2_10epochs.json"))
     g = mem.get("engine", {}).get("growth_run5_vs_run2_pct")
     out.append(("RSS growth of one process over 5 trainings (run 5 vs run 2)",
                 "not measured" if g is None else f"{g:+.1f}%", "<= +5%", "memory.json"))

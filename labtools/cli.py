@@ -214,6 +214,16 @@ def _data(ns) -> int:
     return 0
 
 
+def _kernels_cmd(ns) -> int:
+    quiet_tensorflow(ns.verbose)
+    if ns.cache:
+        os.environ["LABTOOLS_KERNEL_CACHE"] = os.path.abspath(ns.cache)
+    import_tensorflow()
+    from . import kernels
+
+    return kernels.build_all() if ns.action == "build" else kernels.check_all()
+
+
 def _reproduce(ns) -> int:
     quiet_tensorflow(ns.verbose)  # the notebook kernels and their engines inherit the environment
     from .reproduce import ReproduceError, reproduce
@@ -293,7 +303,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .listing import default_out
 
     out = default_out()
+    from . import __version__
+
     p = _Parser(prog="labtools", description=__doc__, formatter_class=_Help)
+    p.add_argument("--version", action="version", version=f"labtools {__version__}")
     sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser, metavar="COMMAND", title="commands")
     p.commands = sub.choices
     t = sub.add_parser("train", help="train SqueezeNet on CIFAR-10 (run under mpiexec -n P)", formatter_class=_Help,
@@ -346,6 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--deadline", type=float, default=None,
                    help="seconds the whole download may take (default: $LABTOOLS_DOWNLOAD_DEADLINE or 900)")
     d.set_defaults(fn=_data)
+    k = sub.add_parser("kernels", help="build the compiled kernels into the cache, or check what loads here",
+                       formatter_class=_Help,
+                       description="The fused Adam kernel and the in-graph MPI op are compiled on first use into a "
+                                   "cache ($LABTOOLS_KERNEL_CACHE, else ~/.cache/labtools/ops), failures included. "
+                                   "build: compile both now (again, if a build failed before), for this machine's "
+                                   "architecture, TensorFlow and the MPI mpi4py loads: a login node can fill a shared "
+                                   "cache for compute nodes without a compiler. check: say which load here, "
+                                   "compiling nothing (exit 1 if one does not).")
+    k.add_argument("action", choices=("build", "check"), help="what to do: build or check")
+    k.add_argument("--cache", default=None, metavar="DIR",
+                   help="the kernel cache (default: $LABTOOLS_KERNEL_CACHE, else ~/.cache/labtools/ops)")
+    k.add_argument("--verbose", action="store_true", help="show TensorFlow's start-up log lines")
+    k.set_defaults(fn=_kernels_cmd)
     r = sub.add_parser("reproduce", help="re-execute the notebooks with papermill, regenerate figures/ and the report",
                        formatter_class=_Help,
                        description="Execute the notebooks of a profile with papermill: first train the runs the "

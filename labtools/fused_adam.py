@@ -36,7 +36,7 @@ class FusedAdam:
     passes. ``grads``: a list of per-variable tensors, or one flat tensor holding them in order.
     Returns the gradient's global L2 norm. Call inside a tf.function."""
 
-    def __init__(self, opt, tvars):
+    def __init__(self, opt, tvars, use_kernel: bool = True):
         if opt.amsgrad or opt.weight_decay or opt.clipnorm or opt.clipvalue or opt.global_clipnorm or opt.use_ema:
             raise ValueError("FusedAdam covers plain Adam only (no amsgrad, weight decay, clipping or EMA)")
         self.opt, self.tvars = opt, list(tvars)
@@ -44,7 +44,7 @@ class FusedAdam:
                       for v in self.tvars]
         # Keras multiplies by (1 - beta) written in Python; as float32 constants these are the same values.
         self.c1, self.c2, self.eps = (np.float32(1 - opt.beta_1), np.float32(1 - opt.beta_2), np.float32(opt.epsilon))
-        self.op = kernel()
+        self.op = kernel() if use_kernel else None  # use_kernel=False: every process agreed on Keras's apply
 
     def update(self, grads):
         flat = not isinstance(grads, (list, tuple))

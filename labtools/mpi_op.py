@@ -40,29 +40,86 @@ def _loaded_libmpi() -> Path:
     return Path(libs[0])
 
 
+def _family(text: str) -> str | None:
+    """"openmpi" or "mpich" from MPI_Get_library_version's text or an mpi.h."""
+    if "Open MPI" in text or "OPEN_MPI" in text:
+        return "openmpi"
+    if "MPICH" in text:
+        return "mpich"
+    return None
+
+
 def _include_dir(lib: Path) -> Path:
-    """mpi.h of that library: its prefix's include/, else what the mpicc beside Python names."""
-    for d in (lib.parent.parent / "include", lib.parent.parent / "include" / "mpich"):
-        if (d / "mpi.h").exists():
-            return d
-    mpicc = Path(sys.executable).parent / "mpicc"
-    mpicc = str(mpicc) if mpicc.exists() else shutil.which("mpicc")
-    if mpicc:
+    """mpi.h of that library (the same MPI family as the library mpi4py runs): its prefix's include/,
+    Debian's layouts, else what the mpicc beside Python or on PATH names."""
+    from mpi4py import MPI
+
+    family = _family(MPI.Get_library_version())
+    multiarch = lib.parent.name  # e.g. x86_64-linux-gnu under /usr/lib
+    candidates = [lib.parent.parent / "include", lib.parent.parent / "include" / "mpich", lib.parent / "openmpi" / "include",
+                  lib.parent.parent.parent / "include" / multiarch / "mpich", lib.parent.parent.parent / "include" / "mpich"]
+    mpiccs = [Path(sys.executable).parent / "mpicc", *filter(None, (shutil.which(n) for n in (
+        "mpicc", "mpicc.openmpi" if family == "openmpi" else "mpicc.mpich")))]
+    for mpicc in mpiccs:
+        if not Path(mpicc).exists():
+            continue
         for args in (["-show"], ["-showme:compile"]):
-            r = subprocess.run([mpicc, *args], capture_output=True, text=True)
-            for flag in r.stdout.split():
-                if flag.startswith("-I") and (Path(flag[2:]) / "mpi.h").exists():
-                    return Path(flag[2:])
-    raise RuntimeError(f"no mpi.h for {lib} (looked in its prefix's include/ and asked mpicc)")
+            r = subprocess.run([str(mpicc), *args], capture_output=True, text=True)
+            candidates += [Path(f[2:]) for f in r.stdout.split() if f.startswith("-I")]
+    for d in candidates:
+        h = d / "mpi.h"
+        if h.exists() and (family is None or _family(h.read_text(errors="replace")) in (family, None)):
+            return d
+    raise RuntimeError(f"no mpi.h of {family or 'this MPI'} for {lib} (looked in its prefix's include/, Debian's "
+                       "layouts and asked mpicc)")
+
+
+NEEDED_THREAD_LEVEL = "MPI_THREAD_SERIALIZED"  # the ops call MPI from TensorFlow's threads, one at a time
+
+
+def check_thread_level() -> None:
+    """Raise unless MPI was initialised with the thread level the ops need (mpi4py asks for MULTIPLE;
+    an MPI or an MPI4PY_RC_THREAD_LEVEL may give less)."""
+    from mpi4py import MPI
+
+    if MPI.Query_thread() < MPI.THREAD_SERIALIZED:
+        raise RuntimeError(f"MPI gives thread level {MPI.Query_thread()}; the in-graph op needs {NEEDED_THREAD_LEVEL}")
+
+
+def library_path(compile_missing: bool = True, retry: bool = False) -> Path:
+    """The op library built against the MPI mpi4py loaded (built once per cache key; opbuild)."""
+    lib = _loaded_libmpi()
+    return opbuild.build("mpi_allreduce", [f"-I{_include_dir(lib)}"], [str(lib), f"-Wl,-rpath,{lib.parent}"],
+                         retry=retry, compile_missing=compile_missing)
 
 
 def _load():
-    lib = _loaded_libmpi()
-    path = opbuild.build("mpi_allreduce", [f"-I{_include_dir(lib)}"], [str(lib), f"-Wl,-rpath,{lib.parent}"])
-    return tf.load_op_library(str(path))
+    check_thread_level()
+    return tf.load_op_library(str(library_path()))
 
 
 _lazy = opbuild.LazyOp("the in-graph Allreduce", "LABTOOLS_MPI_OP", "reducing through mpi4py", _load)
+
+
+def available() -> tuple[bool, str]:
+    """(can this process run the op, the reason) without changing what the job uses."""
+    return _lazy.get() is not None, "in-graph op" if _lazy.get() is not None else f"mpi4py ({_lazy.why_not})"
+
+
+_dups: dict = {}
+
+
+def ops_comm(comm):
+    """A duplicate of the mpi4py communicator ``comm`` for the ops' messages (one per communicator and
+    process, made once: Dup is collective, and a pool's engines run many jobs on one COMM_WORLD), so
+    their tags never match a message of labtools.comm's."""
+    from mpi4py import MPI
+
+    key = comm.py2f()
+    dup = _dups.get(key)
+    if dup is None or MPI.Comm.Compare(dup, comm) != MPI.CONGRUENT:  # a handle reused by another group
+        dup = _dups[key] = comm.Dup()
+    return dup
 
 
 def allreduce_op():

@@ -21,6 +21,18 @@ class ReproduceError(RuntimeError):
     pass
 
 
+def notebooks_dir() -> Path:
+    """The notebooks' sources: a checkout's notebooks/ (an editable install), else the copy a wheel installs
+    under sys.prefix/share/labtools/notebooks (pyproject's data-files)."""
+    installed = Path(sys.prefix) / "share" / "labtools" / "notebooks"
+    checkout = paths.checkout()
+    for d in ([checkout / "notebooks"] if checkout else []) + [installed]:
+        if notebook_source(d, NOTEBOOKS[0]) is not None:
+            return d
+    raise ReproduceError(f"no notebooks: neither a checkout's notebooks/ nor the installed {installed} holds them; "
+                         "reinstall labtools from its wheel or run from a clone")
+
+
 def _rel(p: Path) -> str:
     """papermill stores the paths it is given in the executed notebook: keep them machine-neutral."""
     try:
@@ -135,7 +147,7 @@ def reproduce(profile: str = "quick", notebooks=None, out=None, results_root=Non
     from .experiments import read_only
     from .live import StoreWatcher, overall_bar
 
-    nb_dir = Path(notebook_dir) if notebook_dir else paths.project_root() / "notebooks"
+    nb_dir = Path(notebook_dir) if notebook_dir else notebooks_dir()
     names = list(notebooks or NOTEBOOKS)
     unknown = [n for n in names if notebook_source(nb_dir, n) is None]
     if unknown:

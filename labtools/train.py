@@ -106,12 +106,11 @@ def _say(cfg: RunConfig, line: str) -> None:
 # ---------------------------------------------------------------------- setup
 
 def _kernels(cfg: RunConfig, comm: Comm, w) -> dict:
-    from . import fused_adam, mpi_op
-
-    return {"adam": fused_adam.reason() if cfg.optimizer == "adam" else "none (SGD)",
+    a = w.kernels  # agreed by every process (labtools.kernels)
+    return {"adam": a.reason("fused_adam") if cfg.optimizer == "adam" else "none (SGD)",
             "allreduce": "none (no per-step Allreduce)" if cfg.sync != "allreduce" or comm.size == 1
-            else mpi_op.reason() + (", Adam sharded over the 2 processes" if w.sharded else ""),
-            "steps_per_call": steps_per_call()}
+            else a.reason("mpi_op") + (", Adam sharded over the 2 processes" if w.sharded else ""),
+            "steps_per_call": steps_per_call(), "processes": a.processes}
 
 
 def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:

@@ -15,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from . import data as D
-from . import mpi_op
+from . import kernels, mpi_op
 from .comm import Comm
 from .config import RunConfig, sharded_adam
 from .fused_adam import FusedAdam
@@ -98,6 +98,8 @@ class Worker:
         self.shapes = [tuple(v.shape) for v in self.tvars]
         self.sizes = [int(np.prod(s)) for s in self.shapes]
         self.n_params = sum(self.sizes)
+        # the kernels every process can load (collective): a process alone on another path would hang
+        self.kernels = kernels.agree(comm, cfg)
 
         # Root's initial weights everywhere (§3.2.3: identical start on every rank).
         w0 = comm.bcast(_flat(self.tvars) if comm.is_root else None)
@@ -191,7 +193,8 @@ class Worker:
     # ------------------------------------------------------------------ graphs
     def _build_functions(self) -> None:
         model, opt, tvars = self.model, self.opt, self.tvars
-        fused = FusedAdam(opt, tvars) if self.cfg.optimizer == "adam" else None
+        use = self.kernels.use
+        fused = FusedAdam(opt, tvars, use_kernel=use.get("fused_adam", False)) if self.cfg.optimizer == "adam" else None
 
         def update(grads):  # the optimizer step; returns the gradient's global norm
             if fused is not None:
@@ -235,8 +238,10 @@ class Worker:
             return steps(local_step, x, y, k, lrs)
 
         sizes, shapes = self.sizes, self.shapes
-        mpi = mpi_op.allreduce_op() if self.P > 1 and self.cfg.sync == "allreduce" else None
-        comm_f = np.int64(self.comm.c.py2f()) if self.P > 1 else None
+        mpi = mpi_op.allreduce_op() if use.get("mpi_op") else None
+        # the ops' messages go on a duplicate of the job's communicator (never matching labtools.comm's)
+        self._op_comm = mpi_op.ops_comm(self.comm.c) if mpi is not None else None
+        comm_f = np.int64(self._op_comm.py2f()) if mpi is not None else None
 
         # Two processes: Adam sharded between them (ops/mpi_allreduce.cc, LabtoolsShardedAdam): each
         # sums and updates half the parameters and sends the other its half of the new weights. The
@@ -281,9 +286,8 @@ class Worker:
             return steps(allreduce_step, x, y, k, lrs, inv_global)
 
         @tf.function(input_signature=spec[:2], reduce_retracing=True)
-        def evaluate(x, y):
-            per, correct = forward(x, y, tf.zeros_like(y), False)
-            return tf.reduce_sum(per), tf.reduce_sum(correct)
+        def evaluate(x, y):  # per-sample losses and correctness (summed per eval batch by Worker.evaluate)
+            return forward(x, y, tf.zeros_like(y), False)
 
         self.local_steps, self.allreduce_steps, self.evaluate_fn = map(_concrete, (local_steps, allreduce_steps, evaluate))
 
@@ -347,11 +351,16 @@ class Worker:
 
     def post_step_failure(self) -> None:
         """Join the current step's exchange with the error flag set, so peers do not wait forever."""
-        if not self.sharded:
+        if self._op_comm is None:
             self.comm.fail_step(self.n_params)
             return
         with self.comm.waiting("a failed synchronous step's exchange"):
-            mpi_op.fail_sharded_step(self.comm.c, self.sizes)
+            if self.sharded:
+                mpi_op.fail_sharded_step(self._op_comm, self.sizes)
+            else:  # the in-graph Allreduce's buffer, the flag set (as comm.fail_step, on the op's communicator)
+                buf = np.zeros(self.n_params + 1, np.float32)
+                buf[-1] = 1.0
+                self._op_comm.Allreduce(self.comm.MPI.IN_PLACE, buf, op=self.comm.MPI.SUM)
 
     # ------------------------------------------------------------------ batches
     def batch(self, idx: np.ndarray, epoch: int):
@@ -375,21 +384,34 @@ class Worker:
         loss = correct = 0.0
         for i in range(0, len(idx), self.cfg.eval_batch):
             j = idx[i:i + self.cfg.eval_batch]
-            l, c = self.evaluate_fn(D.preprocess(self.xte[j], self.cfg.preprocess), self.yte[j])
-            loss += float(l)
-            correct += float(c)
+            # The forward pass in chunks: the activations of EVAL_CHUNK images at a time, not of a whole eval
+            # batch (500 images held +50-70 MB on every rank); per-sample values do not depend on the chunk,
+            # and the float32 sum is still one reduce_sum over the eval batch, so the totals are the same bits.
+            per, ok = zip(*(self.evaluate_fn(D.preprocess(self.xte[j[k:k + self.EVAL_CHUNK]], self.cfg.preprocess),
+                                             self.yte[j[k:k + self.EVAL_CHUNK]]) for k in range(0, len(j), self.EVAL_CHUNK)))
+            loss += float(tf.reduce_sum(tf.concat(per, 0)))
+            correct += float(tf.reduce_sum(tf.concat(ok, 0)))
         return loss, correct
 
+    EVAL_CHUNK = 100
+
+    PROBE_CHUNK = 32  # images per probe call: the root holds every layer's activations of one chunk only
+
     def dead_relus(self) -> dict:
-        """Fraction of ReLU channels that output 0 on every image of a fixed probe batch."""
+        """Fraction of ReLU channels that output 0 on every image of a fixed probe batch. The batch is
+        run in chunks and each channel's maximum kept (the same answer as one call): all of the
+        network's activations for 256 images at once were the root's largest extra (+77 MB)."""
         idx = self._probe_idx
-        x = D.preprocess(self.xtr[idx], self.cfg.preprocess)
-        outs = self.probe([x, np.zeros(len(idx), np.int64)], training=False)
+        top = None
+        for i in range(0, len(idx), self.PROBE_CHUNK):
+            j = idx[i:i + self.PROBE_CHUNK]
+            outs = self.probe([D.preprocess(self.xtr[j], self.cfg.preprocess), np.zeros(len(j), np.int64)], training=False)
+            m = [np.asarray(a).reshape(-1, a.shape[-1]).max(axis=0) for a in outs]  # NaN stays NaN: dead
+            top = m if top is None else [np.maximum(t, x) for t, x in zip(top, m)]
         dead = total = 0
         conv10 = 0.0
-        for name, a in zip(self.probe.output_names_list, outs):
-            a = np.asarray(a)
-            alive = (np.maximum(a, 0).reshape(-1, a.shape[-1]).max(axis=0) > 0)
+        for name, mx in zip(self.probe.output_names_list, top):
+            alive = np.maximum(mx, 0) > 0
             if name == "conv10":
                 conv10 = float(1.0 - alive.mean())
             else:

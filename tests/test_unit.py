@@ -165,18 +165,28 @@ def test_keyed_dropout_mask_depends_only_on_key():
     assert np.array_equal(np.asarray(layer([x, keys], training=False)), x)
 
 
-def test_environment_yml_matches_pyproject():
+def test_environment_yml_names_every_runtime_dependency_and_lets_pip_resolve_nothing():
+    """Conda is not reachable here: the file is parsed, its packages are checked against pyproject's
+    runtime dependencies (base, notebooks and mpich extras), and pip is left nothing to resolve."""
     import re
     import tomllib
 
+    import yaml
+
     root = Path(__file__).resolve().parents[1]
-    deps = tomllib.loads((root / "pyproject.toml").read_text())["project"]["dependencies"]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    extras = project["optional-dependencies"]
+    deps = project["dependencies"] + extras["notebooks"] + extras["mpich"]
     names = {re.split(r"[<>=;! \[]", d, maxsplit=1)[0].lower() for d in deps}
     names = {"tensorflow" if n == "tensorflow-cpu" else n for n in names}
-    env = (root / "environment.yml").read_text().lower()
-    listed = set(re.findall(r"^\s*-\s*([a-z0-9_.\-]+)", env, re.M))
-    missing = {n for n in names if n not in listed}
-    assert not missing, f"environment.yml lacks {missing}"
+    env = yaml.safe_load((root / "environment.yml").read_text())
+    assert env["channels"] == ["conda-forge"]
+    conda = [d for d in env["dependencies"] if isinstance(d, str)]
+    listed = {re.split(r"[<>=! ]", d, maxsplit=1)[0].lower() for d in conda}
+    assert not names - listed, f"environment.yml lacks {names - listed}"
+    # pip resolves nothing: no pip section (it would re-install PyPI's MPI and TensorFlow over conda's)
+    assert all(isinstance(d, str) for d in env["dependencies"])
+    assert "pip install --no-deps -e ." in (root / "environment.yml").read_text()
 
 
 def test_processes_for_divides_world():

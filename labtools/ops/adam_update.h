@@ -20,10 +20,17 @@ static inline __attribute__((always_inline)) double adam_element(const float gi,
   return static_cast<double>(gi) * gi;
 }
 
-// One clone per vector width (AVX-512, AVX2, SSE2), chosen when the library loads: wider lanes do the
-// same IEEE float32 operations on each element, so every clone gives the same bits. The sum of g*g is
-// a statistic, not state: its summation order may differ from TensorFlow's.
-__attribute__((target_clones("avx512f", "avx2", "default"), unused))
+// On x86-64, one clone per vector width (AVX-512, AVX2, SSE2), chosen when the library loads: wider
+// lanes do the same IEEE float32 operations on each element, so every clone gives the same bits.
+// Elsewhere (aarch64: NEON is always there) the compiler's own vectorisation, one version. The sum of
+// g*g is a statistic, not state: its summation order may differ from TensorFlow's.
+#if defined(__x86_64__)
+#define LABTOOLS_LANES __attribute__((target_clones("avx512f", "avx2", "default"), unused))
+#else
+#define LABTOOLS_LANES __attribute__((unused))
+#endif
+
+LABTOOLS_LANES
 static double adam_update(const float* g, float* w, float* mp, float* vp, int64_t n, float alpha,
                           float c1, float c2, float eps) {
   double sumsq = 0.0;
@@ -34,7 +41,7 @@ static double adam_update(const float* g, float* w, float* mp, float* vp, int64_
 
 // The same on the sum of two gradients, a + b (one float32 addition, as MPI's sum of two), without
 // writing the sum out first.
-__attribute__((target_clones("avx512f", "avx2", "default"), unused))
+LABTOOLS_LANES
 static double adam_update_sum2(const float* a, const float* b, float* w, float* mp, float* vp, int64_t n,
                                float alpha, float c1, float c2, float eps) {
   double sumsq = 0.0;

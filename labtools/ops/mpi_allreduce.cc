@@ -8,6 +8,8 @@
 // back with MPI_Comm_f2c. The buffer's last element is the failure flag (labtools.comm.fail_step): a
 // peer that failed joins the Allreduce with it set, and this op then fails with PEER_MARK.
 #define EIGEN_USE_THREADS  // training_op_helpers.h instantiates the CPU (thread pool) device
+#define OMPI_SKIP_MPICXX 1   // mpi.h as C: Open MPI's C++ bindings would need libmpi_cxx
+#define MPICH_SKIP_MPICXX 1
 #include <mpi.h>
 
 #include <algorithm>
@@ -25,6 +27,18 @@
 using namespace tensorflow;
 using CPUDevice = Eigen::ThreadPoolDevice;
 
+// These ops call MPI from TensorFlow's executor threads, not the thread that initialised MPI: that
+// needs MPI_THREAD_SERIALIZED at least (labtools.mpi_op checks it before it loads the library; this
+// guards any other caller). The messages go on the communicator given, a duplicate of the job's
+// (labtools.mpi_op.ops_comm), so their tags never meet the Python side's.
+static absl::Status thread_level_ok() {
+  int level = MPI_THREAD_SINGLE;
+  MPI_Query_thread(&level);
+  if (level >= MPI_THREAD_SERIALIZED) return absl::OkStatus();
+  return absl::FailedPreconditionError("MPI was initialised below MPI_THREAD_SERIALIZED (level " +
+                                       std::to_string(level) + "); the labtools MPI ops need it");
+}
+
 REGISTER_OP("LabtoolsAllreduce")
     .Input("buf: float")
     .Input("comm_f: int64")
@@ -37,7 +51,7 @@ REGISTER_OP("LabtoolsAllreduce")
 
 class LabtoolsAllreduceOp : public OpKernel {
  public:
-  explicit LabtoolsAllreduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) {}
+  explicit LabtoolsAllreduceOp(OpKernelConstruction* ctx) : OpKernel(ctx) { OP_REQUIRES_OK(ctx, thread_level_ok()); }
 
   void Compute(OpKernelContext* ctx) override {
     const Tensor& in = ctx->input(0);
@@ -163,6 +177,7 @@ class LabtoolsShardedAdamOp : public OpKernel {
  public:
   explicit LabtoolsShardedAdamOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx, thread_level_ok());
   }
 
   void Compute(OpKernelContext* ctx) override {
@@ -301,6 +316,7 @@ class LabtoolsShardGatherOp : public OpKernel {
  public:
   explicit LabtoolsShardGatherOp(OpKernelConstruction* ctx) : OpKernel(ctx) {
     OP_REQUIRES_OK(ctx, ctx->GetAttr("N", &n_));
+    OP_REQUIRES_OK(ctx, thread_level_ok());
   }
 
   void Compute(OpKernelContext* ctx) override {
