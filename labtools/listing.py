@@ -161,8 +161,10 @@ def table(rows: list[dict]) -> str:
              for r in rows]
     width = {c: max([len(c)] + [len(x[c]) for x in cells]) for c in COLUMNS}
 
-    def line(x):
-        return "  ".join(x[c].rjust(width[c]) if c in RIGHT else x[c].ljust(width[c]) for c in COLUMNS).rstrip()
+    def line(x):  # right-aligned numbers keep one space of their own padding: a gap of one is enough there
+        return "".join((" " if i and c in RIGHT else "  " if i else "")
+                       + (x[c].rjust(width[c]) if c in RIGHT else x[c].ljust(width[c]))
+                       for i, c in enumerate(COLUMNS)).rstrip()
 
     out, groups = [line({c: c for c in COLUMNS})], {}
     for r, x in zip(rows, cells):
