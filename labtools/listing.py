@@ -28,7 +28,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
     rows = []
-    for d in results.run_dirs(root, experiment, completed=False):
+    for d in results.run_dirs(root, experiment, completed=False, unreadable=True):
         row = {c: "" for c in COLUMNS} | {"run": d.name, "experiment": d.parent.name}
         try:
             m, s = results.read_record(d)
@@ -116,7 +116,7 @@ def no_runs(root) -> str:
     where = f"No runs yet: {root} does not exist ({train} creates it)" if not Path(root).is_dir() else \
         f"No runs in {root} yet ({train} writes them there)"
     parent = Path(root).resolve().parent
-    others = len(results.run_dirs(parent, completed=False)) if parent != Path(root).resolve() else 0
+    others = len(results.run_dirs(parent, completed=False, unreadable=True)) if parent != Path(root).resolve() else 0
     if others:
         where += f"; {others} runs are in {os.path.relpath(parent)} (`labtools runs --results {os.path.relpath(parent)}`)"
     return where + "."
