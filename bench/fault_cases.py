@@ -79,22 +79,32 @@ def worker(proc, rank) -> psutil.Process:
     raise RuntimeError(f"rank {rank} not found")
 
 
-def ours_alive() -> list[str]:
-    """labtools and Hydra processes still running (zombies are dead), other than this one."""
-    out = []
-    for p in psutil.process_iter(["pid", "cmdline", "status"]):
+def job(proc) -> tuple[list[psutil.Process], set[str]]:
+    """The processes under a running mpiexec, and the /dev/shm files they map (other sessions on the
+    machine have their own: only this job's count)."""
+    procs = psutil.Process(proc.pid).children(recursive=True)
+    segs = set()
+    for p in procs:
         try:
-            cmd = " ".join(p.info["cmdline"] or [])
-            if p.pid != os.getpid() and p.info["status"] != psutil.STATUS_ZOMBIE and \
-                    ("labtools.cli" in cmd or "hydra_pmi_proxy" in cmd or "mpiexec" in cmd):
-                out.append(f"{p.pid} {p.info['status']} {cmd[:60]}")
+            segs |= {m.path for m in p.memory_maps() if m.path.startswith("/dev/shm/")}
+        except psutil.Error:
+            pass
+    return procs, segs
+
+
+def alive(procs) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:60]}")
         except psutil.Error:
             pass
     return out
 
 
-def shm() -> set[str]:
-    return set(os.listdir("/dev/shm"))
+def left(segs) -> list[str]:
+    return sorted(os.path.basename(p) for p in segs if os.path.exists(p))
 
 
 def reap():
@@ -116,11 +126,11 @@ def zombies() -> int:
 def case_kill(repo, tmp, cifar):
     """kill -9 of every process of a job, under a parent that does not reap; then --resume."""
     ctypes.CDLL(None).prctl(36, 1)  # PR_SET_CHILD_SUBREAPER: the orphans become this process's zombies
-    out, s0 = tmp / "kill", shm()
+    out = tmp / "kill"
     p = launch(repo, 2, ["train", *RUN, "--cifar-dir", cifar, "--out", str(out), "--experiment", "k"])
     d = wait_epochs(out, "k", 1, p)
-    procs = [psutil.Process(p.pid), *psutil.Process(p.pid).children(recursive=True)]
-    for q in procs:
+    procs, segs = job(p)
+    for q in [psutil.Process(p.pid), *procs]:
         q.kill()
     t0 = time.time()
     time.sleep(0.5)
@@ -145,18 +155,19 @@ def case_kill(repo, tmp, cifar):
         time.sleep(max(0.0, 10 - (time.time() - t0) % 10))
     res = {"case": "kill -9 of every process (N=4, P=2) under a non-reaping parent, then --resume",
            "zombies": zombies(), "runs_row": row, "first_refusal": first, "resume_accepted_after_s":
-           accepted and round(accepted, 1), "tries": tries, "shm_left": sorted(shm() - s0)}
+           accepted and round(accepted, 1), "tries": tries, "shm_left_after_resume": left(segs)}
     reap()
     return res
 
 
 def case_stuck(repo, tmp, cifar, P, rank):
-    out, s0 = tmp / f"stuck{P}", shm()
+    out = tmp / f"stuck{P}"
     p = launch(repo, P, ["train", *RUN, "--cifar-dir", cifar, "--out", str(out), "--experiment", "s",
                          "--wait-limit", "20"])
     d = wait_epochs(out, "s", 1, p)
     time.sleep(0.5)
     victim = worker(p, rank)
+    procs, segs = job(p)
     victim.suspend()
     t0 = time.time()
     try:
@@ -166,12 +177,12 @@ def case_stuck(repo, tmp, cifar, P, rank):
         p.kill()
         _, err = p.communicate()
         took = None
-    time.sleep(1)
+    time.sleep(2)
     m = manifest(d)
     res = {"case": f"SIGSTOP of process {rank} (P={P}, --wait-limit 20)", "rc": p.returncode,
            "seconds": took and round(took, 1), "said": [x for x in said(err) if "labtools" in x][:4],
            "status": m.get("status"), "error": m.get("error"), "not_arrived": m.get("not_arrived"),
-           "left": ours_alive(), "shm_left": sorted(shm() - s0)}
+           "left_2s_after": alive(procs), "shm_left": left(segs)}
     try:
         victim.kill()
     except psutil.Error:
@@ -185,13 +196,13 @@ def case_host(repo, tmp, cifar):
 
     out = tmp / "host"
     with Hosts(2, rate="1gbit") as h:
-        s0 = shm()
         cmd = [mpiexec(), *h.mpiexec_args(1, n=2), sys.executable, "-m", "labtools.cli", "train", *RUN,
                "--threads", "1", "--cifar-dir", cifar, "--out", str(out), "--experiment", "h", "--wait-limit", "20"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=repo,
                              env=env(h.env()))
         d = wait_epochs(out, "h", 1, p)
         time.sleep(0.5)
+        _, segs = job(p)
         subprocess.run(["ip", "link", "set", h.veths[1], "down"], check=True)
         t0 = time.time()
         try:
@@ -216,7 +227,7 @@ def case_host(repo, tmp, cifar):
                 "seconds": took and round(took, 1), "said": [x for x in said(err) if "labtools" in x][:4],
                 "status": m.get("status"), "error": m.get("error"), "not_arrived": m.get("not_arrived"),
                 "left_at_30s": left_at_30, "namespaces_empty_after_s": gone_at and round(gone_at, 1),
-                "shm_left": sorted(shm() - s0)}
+                "shm_left": left(segs)}
 
 
 def case_checkpoint(repo, tmp, cifar):
@@ -295,6 +306,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--repo", default=str(ROOT))
     ap.add_argument("--tag", default="")
+    ap.add_argument("--commit", default=None, help="the commit --repo holds, when it is not a git checkout")
     ap.add_argument("--cases", default="cheap,checkpoint,manifest,stuck,kill,host")
     a = ap.parse_args()
     cifar = os.environ.get("CIFAR10_DIR") or str(ROOT / "data" / "cifar-10-batches-py")
@@ -323,8 +335,8 @@ def main():
             print(json.dumps(res[-1] if not isinstance(r, list) else r, indent=1), flush=True)
             print(f"-- {c}: {time.time() - t0:.0f}s", flush=True)
     dest = ROOT / "bench" / "results" / f"fault_cases{'-' + a.tag if a.tag else ''}.json"
-    dest.write_text(json.dumps({"repo_commit": subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True,
-                                                              text=True).stdout.strip() or a.repo,
+    dest.write_text(json.dumps({"repo_commit": a.commit or subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo,
+                                                                          capture_output=True, text=True).stdout.strip(),
                                 "cases": res}, indent=1) + "\n")
     print(dest)
 

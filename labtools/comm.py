@@ -90,6 +90,7 @@ class Comm:
         self._waiting: tuple[str, float] | None = None
         self._watch = None
         self._progress = None  # labtools.comm.Progress once the run folder is known (set_progress_dir)
+        self._closed = False
         # Every process's (host, pid, probe port), known to all: at a stuck wait the watchdog asks,
         # outside MPI, whether a peer's host still answers (a TCP connect to its listening socket).
         self._probe = _listener() if self.size > 1 else None
@@ -195,15 +196,27 @@ class Comm:
             except OSError:
                 self._progress = None  # the message then names only what the probe finds
 
+    def release(self) -> None:
+        """End the watchdog and close the progress file and the probe socket (a notebook engine runs
+        many trainings, each with its own Comm)."""
+        self._closed = True
+        if self._progress:
+            self._progress.close()
+            self._progress = None
+        if self._probe:
+            self._probe.close()
+            self._probe = None
+
     def _watchdog(self) -> None:
-        while True:
+        while not self._closed:
             time.sleep(min(1.0, self.wait_limit / 4))
             if self._progress:
                 self._progress.beat()
             w = self._waiting
             if w and time.monotonic() - w[1] > self.wait_limit:
                 culprits = self.not_arrived()
-                named = "; ".join(c["says"] for c in culprits) or "no peer could be named (no progress files)"
+                named = "; ".join(c["says"] for c in culprits[:4]) + \
+                    (f"; and {len(culprits) - 4} more (the run's manifest lists them)" if len(culprits) > 4 else "")
                 msg = (f"process {self.rank} (host {self.host}) waited over {self.wait_limit:g}s in {w[0]}: {named}. "
                        f"Ending the job.")
                 print(f"labtools: {msg}", file=sys.stderr, flush=True)
@@ -226,17 +239,20 @@ class Comm:
         now, stale = time.time(), max(3.0, min(self.wait_limit / 2, 10.0))  # a live process beats every second
         with ThreadPoolExecutor(8) as pool:  # each probe waits up to 2 s for a host that does not answer
             reach = list(pool.map(lambda hp: _reachable(*hp), [(h, port) for h, _, port in self.peers]))
-        out = []
+        out, unknown = [], []
         for r, (host, pid, port) in enumerate(self.peers):
             if r == self.rank:
                 continue
             st = states.get(r)
             who = f"process {r} (host {host}, pid {pid})"
-            if reach[r] is False:
+            if reach[r] == "no":
                 says = f"{who} is unreachable: host {host} does not answer from {self.host}"
                 kind = "unreachable"
+            elif reach[r] == "refused":
+                says, kind = f"{who} is gone: its host answers, its process does not", "gone"
             elif st is None:
-                says, kind = f"{who} did not arrive (no progress file to say why)", "unknown"
+                unknown.append(r)
+                continue
             elif now - st["beat"] > stale:
                 says = f"{who} did not arrive: no sign of life for {now - st['beat']:.0f}s (stopped or hung)"
                 kind = "not responding"
@@ -246,6 +262,11 @@ class Comm:
             else:
                 continue  # waiting too, alive and reachable: not the culprit
             out.append({"rank": r, "host": host, "pid": pid, "kind": kind, "says": says})
+        if not out:  # nobody could be told apart: say so, never blame a peer that may have arrived
+            out.append({"rank": None, "host": None, "pid": None, "kind": "unknown",
+                        "says": f"one of processes {', '.join(map(str, unknown))} is stuck or gone (no progress "
+                                f"files yet to tell which)" if unknown else "every peer is alive, reachable and "
+                                "waiting too (collectives out of step)"})
         return out
 
     # --------------------------------------------------------- collectives
@@ -390,15 +411,18 @@ def _listener():
         return None
 
 
-def _reachable(host: str, port: int, timeout: float = 2.0) -> bool | None:
-    """Does host answer a TCP connect to the peer's probe port? None: unknown (no port)."""
+def _reachable(host: str, port: int, timeout: float = 2.0) -> str | None:
+    """A TCP connect to the peer's probe port: "yes" (its process holds it), "refused" (the host
+    answers, the process is gone), "no" (the host does not answer); None: unknown (no port)."""
     if not port:
         return None
     try:
         with socket.create_connection((host, port), timeout=timeout):
-            return True
+            return "yes"
+    except ConnectionRefusedError:
+        return "refused"
     except OSError:
-        return False
+        return "no"
 
 
 class Progress:
@@ -422,7 +446,8 @@ class Progress:
 
         with self.lock:
             try:
-                os.pwrite(self.fd, json.dumps(self.state).encode().ljust(self.SIZE), 0)
+                if self.fd >= 0:
+                    os.pwrite(self.fd, json.dumps(self.state).encode().ljust(self.SIZE), 0)
             except OSError:
                 pass  # a full disk: the watchdog then reads an older state
 
@@ -438,13 +463,19 @@ class Progress:
         self.state["beat"] = time.time()
         self._write()
 
+    def close(self) -> None:
+        with self.lock:
+            os.close(self.fd)
+            self.fd = -1
+
     def read_all(self, size: int) -> dict[int, dict]:
         import json
 
         out = {}
         for r in range(size):
             try:
-                out[r] = json.loads((self.dir / f"p{r:04d}").read_bytes().decode().strip())
+                # the first JSON object: a shorter state rewritten over a longer one leaves its tail
+                out[r] = json.JSONDecoder().raw_decode((self.dir / f"p{r:04d}").read_bytes().decode().strip())[0]
             except (OSError, ValueError):
                 pass
         return out

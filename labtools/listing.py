@@ -44,7 +44,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
             "status": st, "np": m.get("world", ""), "P": m.get("processes", ""),
             "strategy": strategy_name(cfg),
             "seed": cfg.get("seed", ""),
-            "epochs": str(total) if st == "completed" else f"{done}/{total}",
+            "epochs": str(total) if st == "completed" else f"{done}/{total}" + _resumable(d, m, done),
             "accuracy": "" if acc is None else f"{100 * acc:5.2f}% {'test' if eset == 'test' else 'val'}",
             "wall": "" if not s or s.get("global_wall_s") is None else duration(s["global_wall_s"]),
             "age": age(m.get("start_utc"), now),
@@ -54,6 +54,15 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
     # newest first: by start time, then by name (run ids start with their UTC start time)
     rows.sort(key=lambda r: (r["start_utc"], r["run"]), reverse=True)
     return rows
+
+
+def _resumable(d: Path, m: dict, done: int) -> str:
+    """Where a resume would continue when that is not after the last recorded epoch: the
+    checkpoint holds fewer epochs (its write failed)."""
+    if not (d / "checkpoint.npz").is_file():
+        return ""
+    k = (m.get("checkpoint") or {}).get("epochs_done")
+    return f" (ckpt {k})" if k is not None and k != done else ""
 
 
 def duration(seconds: float) -> str:
