@@ -137,6 +137,8 @@ def _train_config(ns):
 
     from .config import ConfigError, RunConfig
 
+    if getattr(ns, "force", False) and not ns.resume:
+        raise ConfigError("--force goes with --resume RUN_DIR (a run whose record says running on another host).")
     if not ns.resume:
         return RunConfig.from_args(ns)
     import json

@@ -579,6 +579,17 @@ def _job(proc) -> tuple[list[psutil.Process], set[str]]:
     return procs, segs
 
 
+def _wait_progress(proc, out: Path, experiment: str, P: int) -> Path:
+    """The run folder, once every process writes its progress file (training is under way)."""
+    d = _wait_epochs(out, experiment, 0, proc)
+    t = time.time()
+    while not all((d / ".progress" / f"p{r:04d}").exists() for r in range(P)):
+        assert proc.poll() is None and time.time() - t < 120, "no progress files"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the first epoch's steps
+    return d
+
+
 def _alive(procs) -> list[str]:
     out = []
     for p in procs:
@@ -647,8 +658,7 @@ def test_a_stopped_peer_is_named_within_the_wait_limit_and_nothing_is_left(cifar
     limit = 6
     p = _launch(P, ["train", *RUN, "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "st",
                     "--wait-limit", str(limit)])
-    d = _wait_epochs(tmp_path, "st", 1, p)
-    time.sleep(0.3)
+    d = _wait_progress(p, tmp_path, "st", P)
     victim = _worker(p, stopped)
     procs, segs = _job(p)
     assert segs
@@ -700,8 +710,7 @@ def test_a_cut_off_host_is_named_unreachable_and_leaves_no_process(cifar_dir, tm
                "--wait-limit", str(limit)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
                              env={**_env(), **h.env()})
-        d = _wait_epochs(tmp_path, "cut", 1, p)
-        time.sleep(0.3)
+        d = _wait_progress(p, tmp_path, "cut", 2)
         subprocess.run(["ip", "link", "set", h.veths[1], "down"], check=True)  # lt-h1 is gone from the network
         t0 = time.time()
         rc, _, err, _ = _ended(p, 120)
@@ -822,7 +831,8 @@ def test_cheap_checks_come_before_tensorflow(stopped_run, tmp_path):
                        [["--resume", str(stopped_run), "--lr", "0.1"], "drop --lr"],
                        [["--seed", "-1"], "--seed must not be negative; got -1."],
                        [["--wait-limit", "-3"], "--wait-limit must not be negative; got -3.0."],
-                       [["--sync-every", "-2"], "--sync-every must not be negative; got -2."]):
+                       [["--sync-every", "-2"], "--sync-every must not be negative; got -2."],
+                       [["--force"], "--force goes with --resume RUN_DIR"]):
         p = subprocess.Popen([sys.executable, "-m", "labtools.cli", "train", *args], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
         rc, _, err, took = _ended(p)
