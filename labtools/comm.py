@@ -204,30 +204,54 @@ class Comm:
             self._progress.close()
             self._progress = None
         if self._probe:
+            try:
+                self._probe.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (a close alone does not)
+            except OSError:
+                pass
             self._probe.close()
             self._probe = None
 
     def _watchdog(self) -> None:
+        root_seen = time.monotonic()
         while not self._closed:
             time.sleep(min(1.0, self.wait_limit / 4))
             if self._progress:
                 self._progress.beat()
             w = self._waiting
             if w and time.monotonic() - w[1] > self.wait_limit:
-                culprits = self.not_arrived()
-                named = "; ".join(c["says"] for c in culprits[:4]) + \
-                    (f"; and {len(culprits) - 4} more (the run's manifest lists them)" if len(culprits) > 4 else "")
-                msg = (f"process {self.rank} (host {self.host}) waited over {self.wait_limit:g}s in {w[0]}: {named}. "
-                       f"Ending the job.")
-                print(f"labtools: {msg}", file=sys.stderr, flush=True)
-                if self.on_stuck:
-                    if self.rank != 0:
-                        time.sleep(2)  # the root's view is the record's when both see the fault
-                    try:
-                        self.on_stuck(msg, culprits)
-                    except Exception:  # noqa: BLE001 - the abort below matters more than the record
-                        pass
-                self.abort(1)
+                self._stuck(f"waited over {self.wait_limit:g}s in {w[0]}", self.not_arrived())
+            # Outside a collective too, a process away from the root asks now and then whether the
+            # root still answers: a host cut off from the job would otherwise compute on alone
+            # until its next collective (a whole epoch, for epoch-average).
+            if self.rank != 0 and self._probe and time.monotonic() - root_seen > min(5.0, self.wait_limit / 2):
+                host, pid, port = self.peers[0]
+                answer = _reachable(host, port)
+                if answer in ("yes", None):
+                    root_seen = time.monotonic()
+                elif time.monotonic() - root_seen > self.wait_limit and not self._closed:
+                    says = (f"process 0 (host {host}, pid {pid}) " + ("is unreachable: host {h} does not answer from {me}"
+                            if answer == "no" else "is gone: its host answers, its process does not")
+                            .format(h=host, me=self.host))
+                    # not recorded: the root (or a peer waiting in a collective) records the fault as it sees it
+                    self._stuck(f"has not reached the root for over {self.wait_limit:g}s",
+                                [{"rank": 0, "host": host, "pid": pid, "kind": "unreachable" if answer == "no" else "gone",
+                                  "says": says}], record=False)
+
+    def _stuck(self, what: str, culprits: list[dict], record: bool = True) -> None:
+        """Say who did not arrive, record it, end the job (for sure: a hard exit follows)."""
+        _exit_later(1, ABORT_GRACE_S + 3)  # whatever happens below (the record's disk, MPI_Abort), the end is sure
+        named = "; ".join(c["says"] for c in culprits[:4]) + \
+            (f"; and {len(culprits) - 4} more (the run's manifest lists them)" if len(culprits) > 4 else "")
+        msg = f"process {self.rank} (host {self.host}) {what}: {named}. Ending the job."
+        print(f"labtools: {msg}", file=sys.stderr, flush=True)
+        if self.on_stuck and record:
+            if self.rank != 0:
+                time.sleep(1)  # the root's view is the record's when both see the fault
+            try:
+                self.on_stuck(msg, culprits)
+            except Exception:  # noqa: BLE001 - the abort below matters more than the record
+                pass
+        self.abort(1)
 
     def not_arrived(self) -> list[dict]:
         """The peers this process waits for, each with one clause saying why: not responding (no sign
@@ -237,7 +261,7 @@ class Comm:
 
         states = self._progress.read_all(self.size) if self._progress else {}
         now, stale = time.time(), max(3.0, min(self.wait_limit / 2, 10.0))  # a live process beats every second
-        with ThreadPoolExecutor(8) as pool:  # each probe waits up to 2 s for a host that does not answer
+        with ThreadPoolExecutor(8) as pool:  # each probe waits up to 1.5 s for a host that does not answer
             reach = list(pool.map(lambda hp: _reachable(*hp), [(h, port) for h, _, port in self.peers]))
         out, unknown = [], []
         for r, (host, pid, port) in enumerate(self.peers):
@@ -373,7 +397,7 @@ class _Waiting:
                 c._progress.leave()
 
 
-ABORT_GRACE_S = 5.0
+ABORT_GRACE_S = 3.0
 
 
 def shm_segments() -> list[str]:
@@ -400,18 +424,28 @@ def _exit_later(code: int, after: float) -> None:
 
 
 def _listener():
-    """A listening TCP socket nobody accepts from: the kernel completes a peer's connect, which is all
-    the reachability probe needs."""
+    """A listening TCP socket for the peers' reachability probes: a connect that completes is all a
+    probe needs; a daemon thread accepts and closes each one, so the queue never fills."""
     try:
         s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         s.bind(("0.0.0.0", 0))
         s.listen(64)
-        return s
     except OSError:
         return None
 
+    def accept():
+        while True:
+            try:
+                conn, _ = s.accept()
+                conn.close()
+            except OSError:
+                return  # closed (Comm.release)
 
-def _reachable(host: str, port: int, timeout: float = 2.0) -> str | None:
+    threading.Thread(target=accept, name="labtools-probe", daemon=True).start()
+    return s
+
+
+def _reachable(host: str, port: int, timeout: float = 1.5) -> str | None:
     """A TCP connect to the peer's probe port: "yes" (its process holds it), "refused" (the host
     answers, the process is gone), "no" (the host does not answer); None: unknown (no port)."""
     if not port:

@@ -246,7 +246,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     ``force``: even if its record says running (its processes ran on another host and are gone)."""
     cfg.validate()
     steps_per_call(), sharded_adam()  # a bad $LABTOOLS_STEPS_PER_CALL / _SHARDED_ADAM is said before any work
-    own, comm = comm is None, comm or Comm()
+    comm = comm or Comm()
     comm.wait_limit = cfg.wait_limit or None
     # before any work (TensorFlow, data): a bad --out, a taken --run-id, a run that cannot be
     # continued or a damaged checkpoint is one sentence in a second, not after the data load
@@ -277,8 +277,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
         # it, on success or failure.
         _release(w, strategy)
         w = strategy = None
-        if own:
-            comm.release()
+        comm.release()  # its watchdog, probe socket and progress file end with the run
 
 
 def _load(cfg: RunConfig, comm: Comm, path: str, world: int):

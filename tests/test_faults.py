@@ -579,6 +579,10 @@ def _job(proc) -> tuple[list[psutil.Process], set[str]]:
     return procs, segs
 
 
+# many short epochs: a peer that stops is waited for after at most one short epoch's work
+SHORT = ["--np", "4", "--epochs", "30", "--limit-train", "240", "--limit-test", "40", "--quiet"]
+
+
 def _wait_progress(proc, out: Path, experiment: str, P: int) -> Path:
     """The run folder, once every process writes its progress file (training is under way)."""
     d = _wait_epochs(out, experiment, 0, proc)
@@ -656,7 +660,7 @@ def test_a_job_killed_whole_under_a_parent_that_does_not_reap_is_died_and_resume
 @pytest.mark.parametrize("P, stopped", [(2, 1), (4, 2)])
 def test_a_stopped_peer_is_named_within_the_wait_limit_and_nothing_is_left(cifar_dir, tmp_path, P, stopped):
     limit = 6
-    p = _launch(P, ["train", *RUN, "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "st",
+    p = _launch(P, ["train", *SHORT, "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "st",
                     "--wait-limit", str(limit)])
     d = _wait_progress(p, tmp_path, "st", P)
     victim = _worker(p, stopped)
@@ -705,7 +709,7 @@ def test_a_cut_off_host_is_named_unreachable_and_leaves_no_process(cifar_dir, tm
     except HostsError as e:
         pytest.fail(str(e))
     try:
-        cmd = [mpiexec(), *h.mpiexec_args(1, n=2), sys.executable, "-m", "labtools.cli", "train", *RUN,
+        cmd = [mpiexec(), *h.mpiexec_args(1, n=2), sys.executable, "-m", "labtools.cli", "train", *SHORT,
                "--threads", "1", "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "cut",
                "--wait-limit", str(limit)]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
