@@ -38,11 +38,6 @@ SAME_NUMBERS_AS: tuple[str, ...] = (
     "4e64756b10613eb7",  # before the weight and state exchanges shared post_shares (a refactor): same digests
     "7020f9f9194fbb5a",  # before comm.py's watchdog named the processes that did not arrive (issue 28): same
     # digests, 4 configs (epoch-average N=4, allreduce N=2 and N=4, local-sgd H=5 allreduce-average; P=2)
-): same
-    # digests, 4 configs (epoch-average N=4, allreduce N=2 and N=4, local-sgd H=5 allreduce-average; P=2)
-    "2d2577b1415751c6",  # before the watchdog's grace and probe times were shortened (constants only)
-    "1c2038d5956044d1",  # before the watchdog also asked the root outside collectives (a TCP probe; no arithmetic)
-    "9235953a6cae429f",  # before that probe left the record to the root (no arithmetic)
 )
 
 
