@@ -142,7 +142,7 @@ def case_kill(repo, tmp, cifar):
         r = launch(repo, 2, ["train", "--resume", str(d)])
         tries += 1
         try:
-            rc = r.wait(timeout=8)
+            rc = r.wait(timeout=3)  # a refusal comes before TensorFlow loads (~1.5 s)
         except subprocess.TimeoutExpired:
             rc = None
         if rc is None or manifest(d).get("resumed"):
@@ -214,11 +214,11 @@ def case_host(repo, tmp, cifar):
             took = None
         gone_at, left_at_30 = None, None
         while time.time() - t0 < 150:
-            left = {n: netns_pids(n) for n in h.names}
+            running = {n: netns_pids(n) for n in h.names}
             if time.time() - t0 >= 30 and left_at_30 is None:
                 left_at_30 = {n: [" ".join(psutil.Process(q).cmdline())[:50] for q in v if psutil.pid_exists(q)]
-                              for n, v in left.items()}
-            if not any(left.values()):
+                              for n, v in running.items()}
+            if not any(running.values()):
                 gone_at = time.time() - t0
                 break
             time.sleep(0.5)
