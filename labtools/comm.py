@@ -12,7 +12,10 @@ The protocol, in one place:
   (``fail_step``); the peers' step raises ``PEER_MARK``.
 - If every failure is an interruption, the agreement raises ``RunInterrupted`` instead.
 - Every blocking collective is watched: a wait longer than ``wait_limit`` seconds (a peer hung or
-  gone under a launcher that does not clean up) calls ``on_stuck`` and aborts the job.
+  gone under a launcher that does not clean up) names the processes that did not arrive (from their
+  progress files and a TCP probe of their hosts), calls ``on_stuck`` and aborts the job; a hard exit
+  follows if MPI_Abort does not return. Between collectives each process also probes the root, so a
+  host cut off from the job ends within the limit too.
 - A process killed outright is mpiexec's to clean up; `labtools.keeper` records it.
 """
 from __future__ import annotations
