@@ -100,7 +100,7 @@ def _train(ns) -> int:
     from .train import run
 
     try:
-        run(cfg, comm, resume=resume)
+        run(cfg, comm, resume=resume, force=ns.force)
         return 0
     except (ConfigError, DataError) as e:
         # Raised identically on every process before any training: say it once.
@@ -137,6 +137,8 @@ def _train_config(ns):
 
     from .config import ConfigError, RunConfig
 
+    if getattr(ns, "force", False) and not ns.resume:
+        raise ConfigError("--force goes with --resume RUN_DIR (a run whose record says running on another host).")
     if not ns.resume:
         return RunConfig.from_args(ns)
     import json
@@ -321,6 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     run_control.add_argument("--resume", metavar="RUN_DIR", default=None,
                    help="continue this interrupted or failed run from its last checkpoint, in the same folder "
                         "(same world N; any P that divides it)")
+    run_control.add_argument("--force", action="store_true",
+                             help="with --resume: continue a run whose record still says running although its "
+                                  "processes, on another host, are gone (check that first)")
     run_control.add_argument("--no-keeper", action="store_true",
                              help="run the work in this process (no watching parent that records a kill -9)")
     run_control.add_argument("--verbose", action="store_true",

@@ -12,7 +12,10 @@ The protocol, in one place:
   (``fail_step``); the peers' step raises ``PEER_MARK``.
 - If every failure is an interruption, the agreement raises ``RunInterrupted`` instead.
 - Every blocking collective is watched: a wait longer than ``wait_limit`` seconds (a peer hung or
-  gone under a launcher that does not clean up) calls ``on_stuck`` and aborts the job.
+  gone under a launcher that does not clean up) names the processes that did not arrive (from their
+  progress files and a TCP probe of their hosts), calls ``on_stuck`` and aborts the job; a hard exit
+  follows if MPI_Abort does not return. Between collectives each process also probes the root, so a
+  host cut off from the job ends within the limit too.
 - A process killed outright is mpiexec's to clean up; `labtools.keeper` records it.
 """
 from __future__ import annotations
@@ -86,9 +89,22 @@ class Comm:
         self.local_size = self.node.Get_size()
         self._posted = []
         self.wait_limit = wait_limit
-        self.on_stuck = None  # called with one sentence before a stuck wait aborts the job
+        self.on_stuck = None  # called with one sentence and the culprits before a stuck wait aborts the job
         self._waiting: tuple[str, float] | None = None
         self._watch = None
+        self._progress = None  # labtools.comm.Progress once the run folder is known (set_progress_dir)
+        self._closed = False
+        # Every process's (host, pid, probe port), known to all: at a stuck wait the watchdog asks,
+        # outside MPI, whether a peer's host still answers (a TCP connect to its listening socket).
+        self._probe = _listener() if self.size > 1 else None
+        port = self._probe.getsockname()[1] if self._probe else 0
+        self.peers = self.c.allgather((self.host, os.getpid(), port)) if self.size > 1 else [(self.host, os.getpid(), 0)]
+        # MPI's shared-memory segments: removed only by MPI_Finalize, so a job that ends otherwise
+        # removes them itself (abort here; the keeper when its worker is killed; a resume for a job killed whole)
+        self.shm = shm_segments()
+        from . import keeper
+
+        keeper.tell(shm=self.shm)
 
     @property
     def is_root(self) -> bool:
@@ -158,29 +174,127 @@ class Comm:
             raise RankFailure(f"{PEER_MARK}: {int(flat[-1])} process(es) failed during a synchronous step")
 
     def abort(self, code: int = 1) -> None:
+        """MPI_Abort, and a hard exit ABORT_GRACE_S later if it has not returned: MPI_Abort asks the
+        launcher to end the job, which hangs when the launcher cannot be reached (a lost host)."""
         sys.stdout.flush()
         sys.stderr.flush()
+        _exit_later(code, ABORT_GRACE_S)
+        from .keeper import remove_segments
+
+        remove_segments(self.shm)  # the job is ending: every process that maps them keeps its mapping
         self.c.Abort(code)
+        os._exit(code)
 
     # --------------------------------------------------------- bounded waits
     def waiting(self, what: str):
         """Marks a blocking collective for the watchdog (here, and the in-graph Allreduce's step)."""
         return _Waiting(self, what)
 
+    def set_progress_dir(self, d) -> None:
+        """Each process writes its state (waiting in which collective since when, last sign of life)
+        to d/pNNNN, so a stuck wait can name the processes that did not arrive (labtools.comm.Progress)."""
+        if self.size > 1 and self.wait_limit:
+            try:
+                self._progress = Progress(d, self.rank, self.host)
+            except OSError:
+                self._progress = None  # the message then names only what the probe finds
+
+    def release(self) -> None:
+        """End the watchdog and close the progress file and the probe socket (a notebook engine runs
+        many trainings, each with its own Comm)."""
+        self._closed = True
+        if self._progress:
+            self._progress.close()
+            self._progress = None
+        if self._probe:
+            try:
+                self._probe.shutdown(socket.SHUT_RDWR)  # wakes the accepting thread (a close alone does not)
+            except OSError:
+                pass
+            self._probe.close()
+            self._probe = None
+
     def _watchdog(self) -> None:
-        while True:
+        root_seen = time.monotonic()
+        while not self._closed:
             time.sleep(min(1.0, self.wait_limit / 4))
+            if self._progress:
+                self._progress.beat()
             w = self._waiting
             if w and time.monotonic() - w[1] > self.wait_limit:
-                msg = (f"process {self.rank} (host {self.host}) waited over {self.wait_limit:g}s in {w[0]} for its "
-                       f"peers; one of them is stuck or gone. Ending the job.")
-                print(f"labtools: {msg}", file=sys.stderr, flush=True)
-                if self.on_stuck:
-                    try:
-                        self.on_stuck(msg)
-                    except Exception:  # noqa: BLE001 - the abort below matters more than the record
-                        pass
-                self.abort(1)
+                self._stuck(f"waited over {self.wait_limit:g}s in {w[0]}", self.not_arrived())
+            # Outside a collective too, a process away from the root asks now and then whether the
+            # root still answers: a host cut off from the job would otherwise compute on alone
+            # until its next collective (a whole epoch, for epoch-average).
+            if self.rank != 0 and self._probe and time.monotonic() - root_seen > min(5.0, self.wait_limit / 2):
+                host, pid, port = self.peers[0]
+                answer = _reachable(host, port)
+                if answer in ("yes", None):
+                    root_seen = time.monotonic()
+                elif time.monotonic() - root_seen > self.wait_limit and not self._closed:
+                    says = (f"process 0 (host {host}, pid {pid}) " + ("is unreachable: host {h} does not answer from {me}"
+                            if answer == "no" else "is gone: its host answers, its process does not")
+                            .format(h=host, me=self.host))
+                    # not recorded: the root (or a peer waiting in a collective) records the fault as it sees it
+                    self._stuck(f"has not reached the root for over {self.wait_limit:g}s",
+                                [{"rank": 0, "host": host, "pid": pid, "kind": "unreachable" if answer == "no" else "gone",
+                                  "says": says}], record=False)
+
+    def _stuck(self, what: str, culprits: list[dict], record: bool = True) -> None:
+        """Say who did not arrive, record it, end the job (for sure: a hard exit follows)."""
+        _exit_later(1, ABORT_GRACE_S + 3)  # whatever happens below (the record's disk, MPI_Abort), the end is sure
+        named = "; ".join(c["says"] for c in culprits[:4]) + \
+            (f"; and {len(culprits) - 4} more (the run's manifest lists them)" if len(culprits) > 4 else "")
+        msg = f"process {self.rank} (host {self.host}) {what}: {named}. Ending the job."
+        print(f"labtools: {msg}", file=sys.stderr, flush=True)
+        if self.on_stuck and record:
+            if self.rank != 0:
+                time.sleep(1)  # the root's view is the record's when both see the fault
+            try:
+                self.on_stuck(msg, culprits)
+            except Exception:  # noqa: BLE001 - the abort below matters more than the record
+                pass
+        self.abort(1)
+
+    def not_arrived(self) -> list[dict]:
+        """The peers this process waits for, each with one clause saying why: not responding (no sign
+        of life: stopped, hung or its host gone), unreachable (alive per its file, but its host does not
+        answer from here), still busy elsewhere (has not reached the collective), or no word at all."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        states = self._progress.read_all(self.size) if self._progress else {}
+        now, stale = time.time(), max(3.0, min(self.wait_limit / 2, 10.0))  # a live process beats every second
+        with ThreadPoolExecutor(8) as pool:  # each probe waits up to 1.5 s for a host that does not answer
+            reach = list(pool.map(lambda hp: _reachable(*hp), [(h, port) for h, _, port in self.peers]))
+        out, unknown = [], []
+        for r, (host, pid, port) in enumerate(self.peers):
+            if r == self.rank:
+                continue
+            st = states.get(r)
+            who = f"process {r} (host {host}, pid {pid})"
+            if reach[r] == "no":
+                says = f"{who} is unreachable: host {host} does not answer from {self.host}"
+                kind = "unreachable"
+            elif reach[r] == "refused":
+                says, kind = f"{who} is gone: its host answers, its process does not", "gone"
+            elif st is None:
+                unknown.append(r)
+                continue
+            elif now - st["beat"] > stale:
+                says = f"{who} did not arrive: no sign of life for {now - st['beat']:.0f}s (stopped or hung)"
+                kind = "not responding"
+            elif st["what"] is None:
+                says = f"{who} did not arrive: busy {now - st['since']:.0f}s since its last collective"
+                kind = "busy"
+            else:
+                continue  # waiting too, alive and reachable: not the culprit
+            out.append({"rank": r, "host": host, "pid": pid, "kind": kind, "says": says})
+        if not out:  # nobody could be told apart: say so, never blame a peer that may have arrived
+            out.append({"rank": None, "host": None, "pid": None, "kind": "unknown",
+                        "says": f"one of processes {', '.join(map(str, unknown))} is stuck or gone (no progress "
+                                f"files yet to tell which)" if unknown else "every peer is alive, reachable and "
+                                "waiting too (collectives out of step)"})
+        return out
 
     # --------------------------------------------------------- collectives
     def barrier(self) -> None:
@@ -275,9 +389,133 @@ class _Waiting:
                 c._watch = threading.Thread(target=c._watchdog, name="labtools-watchdog", daemon=True)
                 c._watch.start()
             c._waiting = (self.what, time.monotonic())
+            if c._progress:
+                c._progress.enter(self.what)
 
     def __exit__(self, *exc):
-        self.comm._waiting = None
+        c = self.comm
+        if c._waiting is not None:
+            c._waiting = None
+            if c._progress:
+                c._progress.leave()
+
+
+ABORT_GRACE_S = 3.0
+
+
+def shm_segments() -> list[str]:
+    """The /dev/shm files this process maps (MPICH's mpich_shm_* segments), not yet unlinked."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = {line.split(None, 5)[5].strip() for line in f if "/dev/shm/" in line}
+    except (OSError, IndexError):
+        return []
+    return sorted(p for p in paths if p.startswith(MPI_SHM) and not p.endswith("(deleted)"))
+
+
+MPI_SHM = ("/dev/shm/mpich_", "/dev/shm/vader_segment", "/dev/shm/ompi")
+
+
+def _exit_later(code: int, after: float) -> None:
+    """End this process for sure `after` seconds from now (a daemon thread; os._exit works while the
+    main thread is blocked in C)."""
+    def go():
+        time.sleep(after)
+        os._exit(code)
+
+    threading.Thread(target=go, name="labtools-hard-exit", daemon=True).start()
+
+
+def _listener():
+    """A listening TCP socket for the peers' reachability probes: a connect that completes is all a
+    probe needs; a daemon thread accepts and closes each one, so the queue never fills."""
+    try:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        s.bind(("0.0.0.0", 0))
+        s.listen(64)
+    except OSError:
+        return None
+
+    def accept():
+        while True:
+            try:
+                conn, _ = s.accept()
+                conn.close()
+            except OSError:
+                return  # closed (Comm.release)
+
+    threading.Thread(target=accept, name="labtools-probe", daemon=True).start()
+    return s
+
+
+def _reachable(host: str, port: int, timeout: float = 1.5) -> str | None:
+    """A TCP connect to the peer's probe port: "yes" (its process holds it), "refused" (the host
+    answers, the process is gone), "no" (the host does not answer); None: unknown (no port)."""
+    if not port:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return "yes"
+    except ConnectionRefusedError:
+        return "refused"
+    except OSError:
+        return "no"
+
+
+class Progress:
+    """This process's state in DIR/pNNNN, one JSON line rewritten in place: the collective it waits in
+    (or None) since when, and its last sign of life (`beat`, written by the watchdog every second)."""
+
+    SIZE = 256
+
+    def __init__(self, d, rank: int, host: str):
+        from pathlib import Path
+
+        self.dir = Path(d)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.fd = os.open(self.dir / f"p{rank:04d}", os.O_RDWR | os.O_CREAT, 0o644)
+        self.lock = threading.Lock()
+        self.state = {"host": host, "pid": os.getpid(), "what": None, "since": time.time(), "beat": time.time()}
+        self._write()
+
+    def _write(self) -> None:
+        import json
+
+        with self.lock:
+            try:
+                if self.fd >= 0:
+                    os.pwrite(self.fd, json.dumps(self.state).encode().ljust(self.SIZE), 0)
+            except OSError:
+                pass  # a full disk: the watchdog then reads an older state
+
+    def enter(self, what: str) -> None:
+        self.state.update(what=what, since=time.time(), beat=time.time())
+        self._write()
+
+    def leave(self) -> None:
+        self.state.update(what=None, since=time.time(), beat=time.time())
+        self._write()
+
+    def beat(self) -> None:
+        self.state["beat"] = time.time()
+        self._write()
+
+    def close(self) -> None:
+        with self.lock:
+            os.close(self.fd)
+            self.fd = -1
+
+    def read_all(self, size: int) -> dict[int, dict]:
+        import json
+
+        out = {}
+        for r in range(size):
+            try:
+                # the first JSON object: a shorter state rewritten over a longer one leaves its tail
+                out[r] = json.JSONDecoder().raw_decode((self.dir / f"p{r:04d}").read_bytes().decode().strip())[0]
+            except (OSError, ValueError):
+                pass
+        return out
 
 
 def default_threads(comm: Comm) -> int:

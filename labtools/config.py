@@ -102,8 +102,9 @@ class RunConfig:
             v = getattr(self, f.name)
             if ch and v not in ch:
                 raise ConfigError(f"--{_flag(f.name)} must be one of {', '.join(ch)}; got {v!r}.")
-        if self.batch_per_node < 1 or self.ranks_per_node < 1:
-            raise ConfigError("--batch-per-node and --ranks-per-node must be positive integers.")
+        for name in ("batch_per_node", "ranks_per_node"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{_flag(name)} must be a positive integer; got {getattr(self, name)}.")
         if self.batch_per_node % self.ranks_per_node:
             raise ConfigError(f"--batch-per-node {self.batch_per_node} is not divisible by --ranks-per-node "
                               f"{self.ranks_per_node}; every rank needs the same batch size.")
@@ -120,12 +121,11 @@ class RunConfig:
             raise ConfigError(f"--momentum must be in [0, 1); got {self.momentum}.")
         if self.eval_batch < 1:
             raise ConfigError(f"--eval-batch must be at least 1; got {self.eval_batch}.")
-        if self.threads < 0 or self.seed < 0 or self.wait_limit < 0:
-            raise ConfigError("--threads, --seed and --wait-limit must not be negative.")
+        for name in ("threads", "seed", "wait_limit", "sync_every", "warmup_epochs"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{_flag(name)} must not be negative; got {getattr(self, name)}.")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"--dropout must be in [0, 1); got {self.dropout}.")
-        if self.sync_every < 0 or self.warmup_epochs < 0:
-            raise ConfigError("--sync-every and --warmup-epochs must not be negative.")
         if self.sync == "local-sgd" and self.sync_every == 0:
             raise ConfigError("--sync local-sgd needs --sync-every H (steps between weight averages).")
         if self.val_split < 0:

@@ -15,19 +15,36 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 
 ENV_WORKER = "LABTOOLS_WORKER"
 ENV_FD = "LABTOOLS_KEEPER_FD"
 
 
-def tell(run_dir) -> None:
-    """Worker side: tell the keeper (if any) which run folder this process writes to."""
+def tell(run_dir=None, shm=()) -> None:
+    """Worker side: tell the keeper (if any) which run folder this process writes to, and which MPI
+    shared-memory segments it maps (removed by the keeper if the worker does not end cleanly)."""
     fd = os.environ.get(ENV_FD)
     if fd:
+        lines = ([f"run {run_dir}"] if run_dir else []) + [f"shm {p}" for p in shm]
         try:
-            os.write(int(fd), f"{run_dir}\n".encode())
+            os.write(int(fd), "".join(line + "\n" for line in lines).encode())
         except OSError:
             pass
+
+
+def remove_segments(paths) -> list[str]:
+    """Unlink MPI shared-memory segments of a job that ended badly (MPICH removes them only in
+    MPI_Finalize). Processes that still map one keep their mapping; the name is gone."""
+    gone = []
+    for p in paths:
+        if p.startswith("/dev/shm/"):
+            try:
+                os.unlink(p)
+                gone.append(p)
+            except OSError:
+                pass
+    return gone
 
 
 def process_rank() -> int | None:
@@ -78,22 +95,39 @@ def keep(argv: list[str]) -> int:
         except ProcessLookupError:
             pass
 
+        # the worker stops at its next step; one that does not (stuck in a collective whose peers
+        # are gone) is killed after a grace period, so no orphan keeps running
+        threading.Thread(target=_kill_later, args=(child, KILL_GRACE_S), daemon=True).start()
+
     for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(s, forward)
     rc = child.wait()
     with os.fdopen(r, "rb") as f:
-        told = f.read().decode(errors="replace").split()
+        told = [line.split(" ", 1) for line in f.read().decode(errors="replace").splitlines() if " " in line]
+    if rc != 0:
+        remove_segments([v for k, v in told if k == "shm"])
     if rc >= 0:
         return rc
     sig = signal.Signals(-rc).name
     rank = process_rank()
     who = f"process {rank}" if rank is not None else "the training process"
     msg = f"{who} (host {socket.gethostname()}, pid {child.pid}) was killed by {sig}"
-    run_dir = told[-1] if told else None
+    runs = [v for k, v in told if k == "run"]
+    run_dir = runs[-1] if runs else None
     if run_dir:
         msg += _mark(run_dir, msg)
     print(f"labtools: {msg}", file=sys.stderr, flush=True)
     return 128 - rc
+
+
+KILL_GRACE_S = 20.0
+
+
+def _kill_later(child: subprocess.Popen, after: float) -> None:
+    try:
+        child.wait(after)
+    except subprocess.TimeoutExpired:
+        child.kill()
 
 
 def _mark(run_dir: str, msg: str) -> str:

@@ -73,7 +73,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
 
     now = now or _dt.datetime.now(_dt.timezone.utc)
     rows = []
-    for d in results.run_dirs(root, experiment, completed=False):
+    for d in results.run_dirs(root, experiment, completed=False, unreadable=True):
         row = {c: "" for c in COLUMNS} | {"run": d.name, "experiment": d.parent.name, "run_dir": d, "variant": [],
                                           "strategy_name": "", "config": {}, "error": "", "status": "", "accuracy": ""}
         try:
@@ -92,7 +92,7 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
             "status": st, "np": m.get("world", ""), "P": m.get("processes", ""),
             "strategy": short_name(name, cfg), "strategy_name": name or cfg.get("sync", ""), "variant": diff,
             "seed": cfg.get("seed", ""),
-            "epochs": str(total) if st == COMPLETED else f"{done}/{total}",
+            "epochs": str(total) if st == COMPLETED else f"{done}/{total}" + _resumable(d, m, done),
             "accuracy": accuracy, "result": accuracy or st,  # a completed run's accuracy, else how it ended
             "wall": "" if not s or s.get("global_wall_s") is None else duration(s["global_wall_s"]),
             "ago": age(m.get("start_utc"), now).removesuffix(" ago"),  # the column's name says it
@@ -103,6 +103,15 @@ def run_rows(root, experiment: str | None = None, now: _dt.datetime | None = Non
     # newest first: by start time, then by name (run ids start with their UTC start time)
     rows.sort(key=lambda r: (r["start_utc"], r["run"]), reverse=True)
     return rows
+
+
+def _resumable(d: Path, m: dict, done: int) -> str:
+    """Where a resume would continue when that is not after the last recorded epoch: the
+    checkpoint holds fewer epochs (its write failed)."""
+    if not (d / "checkpoint.npz").is_file():
+        return ""
+    k = (m.get("checkpoint") or {}).get("epochs_done")
+    return f" (ckpt {k})" if k is not None and k != done else ""
 
 
 def duration(seconds: float) -> str:
@@ -239,7 +248,7 @@ def no_runs(root) -> str:
     where = f"No runs yet: {root} does not exist ({train} creates it)" if not Path(root).is_dir() else \
         f"No runs in {root} yet ({train} writes them there)"
     parent = Path(root).resolve().parent
-    others = len(results.run_dirs(parent, completed=False)) if parent != Path(root).resolve() else 0
+    others = len(results.run_dirs(parent, completed=False, unreadable=True)) if parent != Path(root).resolve() else 0
     if others:
         where += f"; {others} runs are in {os.path.relpath(parent)} (`labtools runs --results {os.path.relpath(parent)}`)"
     return where + "."

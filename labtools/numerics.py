@@ -21,7 +21,7 @@ CHANGES: dict[int, set[str] | None] = {
 }
 SOURCES = ("model.py", "worker.py", "sync.py", "data.py", "comm.py", "fused_adam.py", "ops/fused_adam.cc",
            "opbuild.py", "mpi_op.py", "ops/mpi_allreduce.cc", "ops/adam_update.h")
-SOURCES_SHA = "6f5051ac39e00a94"
+SOURCES_SHA = "e853ae5e22993c3a"
 # Earlier SOURCES_SHA values under this VERSION whose code computed the same numbers (declared when
 # the sources changed without changing the arithmetic, checked by comparing final weight digests).
 SAME_NUMBERS_AS: tuple[str, ...] = (
@@ -36,14 +36,18 @@ SAME_NUMBERS_AS: tuple[str, ...] = (
     "f60d5468422eea57",  # before Adam was sharded over two processes in the synchronous step: same digests, 12 configs
     "963cfa7a9c69dfe8",  # before the sharded step sent one message per variable piece: same digests, 12 configs
     "4e64756b10613eb7",  # before the weight and state exchanges shared post_shares (a refactor): same digests
-    "7020f9f9194fbb5a",  # before data.py searched the project's data/ (paths only), and before kernels agreed by
+    "7020f9f9194fbb5a",  # before data.py searched the project's data/ (paths only); before kernels agreed by
                          # every process, the ops' own communicator, x86-only clones and the chunked dead-ReLU
-                         # probe: same digests (allreduce, epoch-average; np 4 on 2 processes)
+                         # probe: same digests (allreduce, epoch-average; np 4 on 2 processes); before comm.py's
+                         # watchdog named the processes that did not arrive: same digests, 4 configs (epoch-average
+                         # N=4, allreduce N=2 and N=4, local-sgd H=5 allreduce-average; P=2)
     "a8ce171395d34ccc",  # the project-anchored data search alone (no arithmetic)
     "31f0b48c83babc07",  # before ops_comm re-made a duplicate whose handle another group reused (no arithmetic)
     "b5346f4f1d36997c",  # before the evaluation's forward pass ran in chunks of 100: per-sample values and the
                          # per-batch float32 sums are the same bits (test loss, accuracy equal on 5,000 rows)
     "4355239d7e16ef22",  # issue 27's branch before it was merged with the data search (no arithmetic)
+    "6f5051ac39e00a94",  # issues 25 and 27 merged, before issue 28's watchdog (no arithmetic)
+    "db36f5c408767472",  # issue 28's branch alone (no arithmetic)
 )
 
 

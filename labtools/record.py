@@ -57,6 +57,14 @@ def check_writable(out, experiment: str) -> None:
         raise RecordError(f"--out {out} is not writable ({e.strerror} in {probe}).") from None
 
 
+def check_free(out, experiment: str, run_id: str | None) -> None:
+    """A given --run-id names no existing folder (checked before any work; create() checks again)."""
+    if run_id and (Path(out) / experiment / run_id).exists():
+        d = Path(out) / experiment / run_id
+        raise RecordError(f"run folder {d} already exists; choose another --run-id, or continue "
+                          f"that run with `labtools train --resume {d}`.")
+
+
 def describe(cfg, *, world, processes, ranks_per_process, hosts, pids, cores_per_host, mpi_library,
              n_train, n_eval, steps_per_epoch, threads, kernels: dict | None = None) -> dict:
     """The manifest's facts about a run, computed once: the whole config (portable paths), the launch
@@ -109,8 +117,9 @@ class RunRecord:
         raise RecordError(f"could not create a new run folder under {parent}.")
 
     @classmethod
-    def open(cls, run_dir, cfg=None) -> "RunRecord":
-        """An existing run to continue (with cfg: checked to compute what the run computed)."""
+    def open(cls, run_dir, cfg=None, force: bool = False) -> "RunRecord":
+        """An existing run to continue (with cfg: checked to compute what the run computed). force:
+        continue a `running` record whose processes ran on another host (the user checked they are gone)."""
         d = Path(run_dir)
         if not (d / "manifest.json").is_file():
             raise RecordError(f"--resume {d}: no manifest.json there; give the run's folder (OUT/EXPERIMENT/RUN_ID).")
@@ -119,9 +128,8 @@ class RunRecord:
         st = status(d)
         if st == COMPLETED:
             raise RecordError(f"--resume {d}: the run already completed; nothing to continue.")
-        if st == RUNNING:
-            raise RecordError(f"--resume {d}: the run is still running (heartbeat "
-                              f"{int(_heartbeat_age(d))}s ago); stop it first.")
+        if st == RUNNING and (not force or live_here(rec.manifest)):
+            raise RecordError(still_running(d, rec.manifest))
         if cfg is not None:
             from . import numerics
 
@@ -132,6 +140,23 @@ class RunRecord:
                 raise RecordError(f"--resume {d}: the run was started by code that computes differently "
                                   f"(numerics sources {old.get('numerics_sources')}); start a new run instead.")
         return rec
+
+    def remove_segments(self) -> list[str]:
+        """The recorded MPI segments of this host that no live process maps any more (the run is not
+        running: its job was killed whole and MPI_Finalize never removed them)."""
+        import socket
+
+        from .keeper import remove_segments
+
+        mine = {p for h, p in self.manifest.get("shm") or [] if h == socket.gethostname() and os.path.exists(p)}
+        if not mine:
+            return []
+        for maps in Path("/proc").glob("[0-9]*/maps"):
+            try:
+                mine -= {p for p in mine if p in maps.read_text()}
+            except OSError:
+                pass
+        return remove_segments(sorted(mine))
 
     # ------------------------------------------------------------------ status
     @contextmanager
@@ -157,8 +182,9 @@ class RunRecord:
             results.write_json(path, self.manifest)
             return True
 
-    def start(self, manifest: dict, resumed: dict | None = None) -> None:
-        """Write the manifest (status running) and start the heartbeat."""
+    def start(self, manifest: dict, resumed: dict | None = None, shm=None) -> None:
+        """Write the manifest (status running) and start the heartbeat. shm: [(host, path)] of the
+        job's MPI shared-memory segments, removed by a later resume if the job was killed whole."""
         if resumed:
             self.manifest.update({k: v for k, v in manifest.items() if k not in ("start_utc",)})
             self.manifest["resumed"] = self.manifest.get("resumed", []) + [resumed]
@@ -167,6 +193,8 @@ class RunRecord:
             (self.dir / "error.txt").unlink(missing_ok=True)
         else:
             self.manifest = dict(manifest)
+        if shm is not None:
+            self.manifest["shm"] = [list(x) for x in shm]
         self.write_manifest(RUNNING, _reopen=bool(resumed))
         self._start_heartbeat()
 
@@ -190,15 +218,17 @@ class RunRecord:
         if self._beat:
             self._beat.set()
 
-    def mark(self, status_: str, error: str) -> None:
-        """failed or interrupted, with the reason; best effort (the disk may be what failed)."""
+    def mark(self, status_: str, error: str, **fields) -> None:
+        """failed or interrupted, with the reason (and fields, e.g. the processes that did not arrive
+        at a stuck collective); best effort (the disk may be what failed)."""
         self.stop_heartbeat()
         try:
             results.atomic_write_text(self.dir / "error.txt", error.rstrip() + "\n")
         except OSError:
             pass
         try:
-            self.write_manifest(status_, end_utc=provenance.utc_now(), error=error.strip().splitlines()[0][:500])
+            self.write_manifest(status_, end_utc=provenance.utc_now(), error=error.strip().splitlines()[0][:1000],
+                                **fields)
         except OSError:
             pass  # the heartbeat stops: readers will say `died`
 
@@ -230,23 +260,37 @@ class RunRecord:
         meta = {**meta, "states": refs, "epoch_rows": self.epoch_rows,
                 "rank_rows": {str(r): rows for r, rows in self.rank_rows.items()}}
         blob = np.frombuffer(json.dumps(meta, default=float).encode(), np.uint8)
-        results.atomic_write_bytes(self.dir / "checkpoint.npz",
-                                   writer=lambda f: np.savez(f, meta=blob, **arrays))
+        path = self.dir / "checkpoint.npz"
+        results.atomic_write_bytes(path, writer=lambda f: np.savez(f, meta=blob, **arrays))
+        # its checksum, kept in the manifest: a resume tells a damaged file from the one written here
+        self.write_manifest(checkpoint={"sha256": _sha256(path), "epochs_done": meta.get("epochs_done")})
 
     def load_checkpoint(self) -> tuple[dict, dict[int, list[np.ndarray]]] | None:
-        """(meta, states) of the last checkpoint, and the records up to it; None if there is none."""
+        """(meta, states) of the last checkpoint, and the records up to it; None if there is none.
+        Every array is read (zip CRC) and the file's checksum compared with the one recorded when it
+        was written: a damaged file is one RecordError sentence saying how to go on."""
         path = self.dir / "checkpoint.npz"
         if not path.is_file():
             return None
+        why = None
         try:
             with np.load(path, allow_pickle=False) as z:
                 meta = json.loads(z["meta"].tobytes())
                 arrays = {k: z[k] for k in z.files if k != "meta"}
-        except (OSError, ValueError, KeyError) as e:
-            raise RecordError(f"{path} is damaged ({type(e).__name__}); it cannot be resumed.") from None
-        states = {int(r): [arrays[k] for k in keys] for r, keys in meta.pop("states").items()}
-        self.epoch_rows = meta.pop("epoch_rows")
-        self.rank_rows = {int(r): rows for r, rows in meta.pop("rank_rows").items()}
+            states = {int(r): [arrays[k] for k in keys] for r, keys in meta.pop("states").items()}
+            epoch_rows, rank_rows = meta.pop("epoch_rows"), meta.pop("rank_rows")
+        except Exception as e:  # noqa: BLE001 - zipfile, zlib, numpy and json each raise their own
+            why = "the file is empty" if path.stat().st_size == 0 else f"{type(e).__name__}: {str(e)[:80]}"
+        rec = (self.manifest or {}).get("checkpoint") or {}
+        if why is None and rec.get("sha256") and rec["sha256"] != _sha256(path) and \
+                not meta.get("epochs_done", 0) > (rec.get("epochs_done") or 0):  # newer: its checksum write was lost
+            why = f"its checksum differs from the one recorded after epoch {rec.get('epochs_done')}"
+        if why is not None:
+            raise RecordError(f"{path} is damaged ({why}), so the run cannot continue from it; to start it again "
+                              f"from epoch 1 in the same folder, delete that file and run `labtools train --resume "
+                              f"{self.dir}`, or start a new run.")
+        self.epoch_rows = epoch_rows
+        self.rank_rows = {int(r): rows for r, rows in rank_rows.items()}
         return meta, states
 
     # ------------------------------------------------------------------ the end
@@ -283,6 +327,9 @@ class RunRecord:
             raise RecordError(f"{self.dir} was marked failed by another process before it completed.")
         if not keep_checkpoint:
             (self.dir / "checkpoint.npz").unlink(missing_ok=True)
+        import shutil
+
+        shutil.rmtree(self.dir / ".progress", ignore_errors=True)  # the processes' live state (labtools.comm)
         try:
             rebuild_scaling_csv(self.dir.parent)
         except OSError as e:  # the run is complete; the table is derived and rebuilt by the next run
@@ -334,6 +381,16 @@ def rebuild_scaling_csv(exp_dir) -> Path:
 
 # ---------------------------------------------------------------------- readers
 
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def _heartbeat_age(d: Path) -> float:
     hb = d / ".heartbeat"
     ref = hb if hb.exists() else d / "manifest.json"
@@ -347,26 +404,69 @@ def status(run_dir) -> str:
     st = m.get("status", RUNNING)
     if st == COMPLETED and not (d / "summary.json").is_file():
         return FAILED  # cannot happen with today's writer; an old or tampered record is not completed
-    if st == RUNNING and (_heartbeat_age(d) > DEAD_AFTER_S or _all_gone(m.get("pids"))):
+    if st == RUNNING and (_heartbeat_age(d) > DEAD_AFTER_S or _all_gone(m)):
         return DIED
     return st
 
 
-def _all_gone(pids) -> bool:
-    """Every process of the run ran on this host and none is alive any more."""
+def alive(pid: int, started: float | None = None) -> bool:
+    """The process exists, is not a zombie and (given the run's start time) is not a later process
+    that got the same pid. os.kill(pid, 0) succeeds on a zombie, which a parent that does not reap
+    (a container without an init, a supervisor) keeps for as long as it lives."""
+    import psutil
+
+    try:
+        p = psutil.Process(pid)
+        if p.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return False
+        return started is None or p.create_time() <= started + 5
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.Error:
+        return True  # exists, not ours to inspect
+
+
+def _started(m: dict) -> float | None:
+    """When the record's current processes started (the last resume, or the start)."""
+    import datetime as dt
+
+    utc = ((m.get("resumed") or [{}])[-1].get("utc")) or m.get("start_utc")
+    try:
+        return dt.datetime.fromisoformat(utc.replace("Z", "+00:00")).timestamp()
+    except (AttributeError, ValueError):
+        return None
+
+
+def live_here(m: dict) -> list[int] | None:
+    """The run's processes alive on this host; None if some of them ran on another host."""
     import socket
 
+    pids = m.get("pids") or []
     if not pids or any(h != socket.gethostname() for h, _ in pids):
-        return False
-    for _, pid in pids:
-        try:
-            os.kill(pid, 0)
-            return False
-        except ProcessLookupError:
-            continue
-        except PermissionError:
-            return False
-    return True
+        return None
+    t = _started(m)
+    return [pid for _, pid in pids if alive(pid, t)]
+
+
+def _all_gone(m: dict) -> bool:
+    """Every process of the run ran on this host and none is alive any more (zombies are dead)."""
+    return live_here(m) == []
+
+
+def still_running(d: Path, m: dict) -> str:
+    """Why a `running` record cannot be resumed yet, in one sentence: its live processes here, or,
+    for processes on other hosts, how long until the heartbeat decides and the way out."""
+    import socket
+
+    live, age = live_here(m), _heartbeat_age(d)
+    if live:
+        return (f"--resume {d}: the run is still running here (pid {', '.join(map(str, live))} on host "
+                f"{socket.gethostname()}); stop it first (kill {' '.join(map(str, live))}).")
+    others = sorted({h for h, _ in (m.get("pids") or []) if h != socket.gethostname()})
+    return (f"--resume {d}: the run may still be running on {', '.join(others) or 'another host'} (heartbeat "
+            f"{int(age)}s ago); it counts as died when the heartbeat is {int(DEAD_AFTER_S)}s old, in "
+            f"{max(0, int(DEAD_AFTER_S - age)) + 1}s. If nothing of it runs there any more, continue now with "
+            f"`labtools train --resume {d} --force`.")
 
 
 def listing(root="results", experiment: str | None = None) -> list[dict]:

@@ -75,13 +75,41 @@ def write_csv(path, rows: list[dict], columns: list[str] | None = None) -> None:
 
 # ---------------------------------------------------------------- reading
 
-def run_dirs(root="results", experiment: str | None = None, completed: bool = True) -> list[Path]:
+def run_dirs(root="results", experiment: str | None = None, completed: bool = True,
+             unreadable: bool = False) -> list[Path]:
     """Run folders under root; with completed=True only those whose manifest says `completed`
-    (written last, after the summary: labtools.record)."""
+    (written last, after the summary: labtools.record). A folder whose manifest cannot be read is
+    left out with a warning naming the file (one bad record never stops a reader of the others);
+    unreadable=True keeps it (`labtools runs` lists it as unreadable)."""
     base = Path(root) / experiment if experiment else Path(root)
     pattern = "*/manifest.json" if experiment else "*/*/manifest.json"
     dirs = sorted(p.parent for p in base.glob(pattern))
+    if not unreadable:
+        dirs = [d for d in dirs if readable(d)]
     return [d for d in dirs if not completed or is_completed(d)]
+
+
+def readable(d: Path) -> bool:
+    """The run folder's manifest (and summary, if there is one) parse; if not, a warning says which
+    file and that the run is left out."""
+    for name in ("manifest.json", "summary.json"):
+        f = Path(d) / name
+        if name == "summary.json" and not f.exists():
+            continue
+        try:
+            if not isinstance(read_json(f), dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            import warnings
+
+            warnings.warn(f"{f} cannot be read ({type(e).__name__}: {e}); run {Path(d).parent.name}/{Path(d).name} "
+                          f"is left out", UnreadableRecord, stacklevel=3)
+            return False
+    return True
+
+
+class UnreadableRecord(UserWarning):
+    """A run folder whose manifest or summary cannot be read; readers leave it out and say so."""
 
 
 def is_completed(d: Path) -> bool:

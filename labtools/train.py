@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import sys
 import time
 import traceback
 from pathlib import Path
@@ -21,7 +22,7 @@ from . import keeper, records
 from .comm import Comm, RankFailure, RunInterrupted, default_threads
 from .config import ConfigError, RunConfig, sharded_adam, steps_per_call
 from .metrics import is_at_chance, is_collapsed
-from .record import INTERRUPTED, FAILED, RecordError, RunRecord, check_writable, describe
+from .record import INTERRUPTED, FAILED, RunRecord, check_free, check_writable, describe
 
 
 def check_world(cfg: RunConfig, processes: int, n_train: int) -> int:
@@ -87,10 +88,30 @@ def _prepare(cfg: RunConfig, comm: Comm):
 
 
 def _recorded(run_dir, key):
+    from . import results
+
     try:
-        return RunRecord.open(run_dir).manifest.get(key)
-    except (RecordError, OSError, ValueError):
+        return results.read_json(Path(run_dir) / "manifest.json").get(key)
+    except (OSError, ValueError, AttributeError):
         return None  # reported properly when the record is opened
+
+
+def _check_start(cfg: RunConfig, resume, force: bool):
+    """Root, before TensorFlow and the data: a new run can be written (--out, a free --run-id), or the
+    run to resume can be continued (its status, config, code and a whole checkpoint). Returns
+    (record, checkpoint) for a resume, None otherwise."""
+    if resume is None:
+        check_writable(cfg.out, cfg.experiment)
+        check_free(cfg.out, cfg.experiment, cfg.run_id)
+        return None
+    rec = RunRecord.open(resume, cfg if cfg.np else None, force=force)
+    rec.remove_segments()  # a job killed whole (kill -9, OOM) left its MPI segments behind
+    ck = rec.load_checkpoint()
+    if ck is None:
+        done = rec.manifest.get("epochs_done") or 0
+        print(f"labtools: {rec.dir} has no checkpoint, so the run starts again from epoch 1"
+              + (f" (the {done} epoch(s) recorded are trained again)." if done else "."), file=sys.stderr, flush=True)
+    return rec, ck
 
 
 # Called on the root after every epoch with (epochs done, epochs, the epoch's record row): how an
@@ -113,31 +134,33 @@ def _kernels(cfg: RunConfig, comm: Comm, w) -> dict:
             "steps_per_call": steps_per_call(), "processes": a.processes}
 
 
-def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int) -> tuple[RunRecord, dict]:
+def _open_record(cfg: RunConfig, comm: Comm, w, resume, threads: int, early=None) -> tuple[RunRecord, dict]:
     """The root creates (or reopens) the run folder; everyone gets its path and the progress so far
     (epochs done, wall time, ...); on resume every logical rank gets its checkpointed state back."""
     launch = dict(world=w.N, processes=comm.size, ranks_per_process=w.k, hosts=comm.gather(comm.host),
                   pids=comm.gather((comm.host, os.getpid())), cores_per_host=comm.gather((comm.host, os.cpu_count())),
                   mpi_library=comm.library_version(), n_train=len(w.ytr), n_eval=len(w.yte),
                   steps_per_epoch=w.steps_per_epoch, threads=threads, kernels=_kernels(cfg, comm, w))
+    shm = comm.gather([(comm.host, p) for p in comm.shm])
 
     def root_open():
         if resume is None:
             default = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-np{w.N}-{cfg.science_key()}-s{cfg.seed}"
             rec = RunRecord.create(cfg.out, cfg.experiment, cfg.run_id, default)
-            rec.start(describe(cfg, **launch))
+            rec.start(describe(cfg, **launch), shm=sum(shm, []))
             return rec, None, {"epochs_done": 0, "wall_s": 0.0, "init_diag": None}
-        rec = RunRecord.open(resume, cfg)
-        ck = rec.load_checkpoint()
+        rec, ck = early  # opened and its checkpoint read before any work (_check_start)
         meta, states = ck if ck else ({"epochs_done": 0, "wall_s": 0.0, "init_diag": None}, {})
         facts = describe(cfg, **launch)
-        rec.start(facts, resumed={"utc": facts["start_utc"], "from_epoch": meta["epochs_done"], "processes": comm.size})
+        rec.start(facts, resumed={"utc": facts["start_utc"], "from_epoch": meta["epochs_done"], "processes": comm.size},
+                  shm=sum(shm, []))
         return rec, states, meta
 
     opened = _root_decides(comm, root_open, share=False)
     rec_path = comm.bcast(str(opened[0].dir) if comm.is_root else None)
     rec = opened[0] if comm.is_root else RunRecord(rec_path)
     keeper.tell(rec.dir)
+    comm.set_progress_dir(rec.dir / PROGRESS)
     if comm.is_root:
         _say(cfg, f"[Root] Run folder: {rec.dir}")
     progress = comm.bcast(opened[2] if comm.is_root else None)
@@ -216,16 +239,17 @@ def _end_epoch(comm: Comm, rec: RunRecord, er, flat, states, progress: dict) -> 
 
 # ---------------------------------------------------------------------- the run
 
-def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | None = None) -> dict:
+def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Train with cfg on this process's logical ranks; return the run summary (on every process).
-    ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one)."""
+    ``resume``: a run folder to continue from its last checkpoint (cfg must be the recorded one);
+    ``force``: even if its record says running (its processes ran on another host and are gone)."""
     cfg.validate()
     steps_per_call(), sharded_adam()  # a bad $LABTOOLS_STEPS_PER_CALL / _SHARDED_ADAM is said before any work
     comm = comm or Comm()
     comm.wait_limit = cfg.wait_limit or None
-    # before any work: --out can be written, or the run to resume can be continued
-    _root_decides(comm, lambda: check_writable(cfg.out, cfg.experiment) if resume is None else
-                  RunRecord.open(resume) and None)
+    # before any work (TensorFlow, data): a bad --out, a taken --run-id, a run that cannot be
+    # continued or a damaged checkpoint is one sentence in a second, not after the data load
+    early = _root_decides(comm, lambda: _check_start(cfg, resume, force), share=False)
     path, n_train = _prepare(cfg, comm)
     world = check_world(cfg, comm.size, n_train)
     cfg = cfg.replace(cifar_dir=path, np=world)  # np resolved: the science key is the same with or without --np
@@ -240,7 +264,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
     try:
         w = Worker(cfg, comm, world, *_load(cfg, comm, path, world))
         strategy = make_strategy(cfg)
-        return _run(cfg, comm, resume, world, threads, w, strategy)
+        return _run(cfg, comm, resume, world, threads, w, strategy, early)
     except BaseException as e:
         # A traceback kept by the caller (IPython keeps the last one) would keep every frame's
         # locals (the Worker, the data, the gathered states) alive: the finished frames are cleared
@@ -252,6 +276,7 @@ def run(cfg: RunConfig, comm: Comm | None = None, resume: str | os.PathLike | No
         # it, on success or failure.
         _release(w, strategy)
         w = strategy = None
+        comm.release()  # its watchdog, probe socket and progress file end with the run
 
 
 def _load(cfg: RunConfig, comm: Comm, path: str, world: int):
@@ -270,6 +295,7 @@ def _load(cfg: RunConfig, comm: Comm, path: str, world: int):
                        val_split=cfg.val_split, probe=probe)
 
 
+PROGRESS = ".progress"  # in the run folder: each process's state, read by a stuck wait's watchdog (labtools.comm)
 PROBE_ROWS = 256  # labtools.worker's dead-ReLU probe batch: the first min(256, n_train) training images
 
 
@@ -294,11 +320,11 @@ def _release(w, strategy) -> None:
     gc.collect()
 
 
-def _run(cfg: RunConfig, comm: Comm, resume, world: int, threads: int, w, strategy) -> dict:
+def _run(cfg: RunConfig, comm: Comm, resume, world: int, threads: int, w, strategy, early=None) -> dict:
     from .monitor import Monitor
 
-    rec, progress = _open_record(cfg, comm, w, resume, threads)
-    comm.on_stuck = lambda msg: rec.mark(FAILED, msg)
+    rec, progress = _open_record(cfg, comm, w, resume, threads, early)
+    comm.on_stuck = lambda msg, culprits: rec.mark(FAILED, msg, not_arrived=culprits)
     for r in w.ranks:
         _say(cfg, f"[Rank {r}] world={world} batch/rank={w.b} shard={len(w.shards[r])} samples"
                   + (f" (resumed after epoch {progress['epochs_done']})" if progress["epochs_done"] else ""))

@@ -357,11 +357,14 @@ def test_a_peer_that_stops_answering_ends_the_job_within_the_wait_limit(cifar_di
                     "--experiment", "h", "--inject-failure", "2:0:hang", "--wait-limit", "5"])
     t = time.time()
     rc, _, err, _ = _ended(p, 120)
-    assert rc != 0 and "waited over 5s" in err and "stuck or gone" in err, err[-2000:]
+    named = f"process 1 (host {os.uname().nodename}, pid"  # the one hanging, not the one waiting
+    assert rc != 0 and "process 0" in err and "waited over 5s" in err and named in err and \
+        "did not arrive: busy" in err, err[-2000:]
     d = _one_run(tmp_path, "h")
     m = _manifest(d)
     took = time.time() - t
-    assert m["status"] == "failed" and "waited over 5s" in m["error"] and took < 60
+    assert m["status"] == "failed" and "waited over 5s" in m["error"] and named in m["error"] and took < 60
+    assert [(c["rank"], c["kind"]) for c in m["not_arrived"]] == [(1, "busy")]
     _matrix("a peer stops answering (--wait-limit 5)", rc=rc, seconds=round(took, 2), state=f"failed: {m['error']}")
 
 
@@ -506,7 +509,8 @@ def test_a_running_record_whose_processes_are_gone_reads_died(tmp_path):
     (["--lr", "0"], "--lr must be positive"),
     (["--eval-batch", "0"], "--eval-batch must be at least 1"),
     (["--momentum", "1.5"], "--momentum must be in [0, 1)"),
-    (["--threads", "-1"], "must not be negative"),
+    (["--threads", "-1"], "--threads must not be negative; got -1."),
+    (["--seed", "-1"], "--seed must not be negative; got -1."),
     (["--epochs", "0"], "--epochs must be at least 1"),
 ])
 def test_bad_flags_get_one_line_exit_2_and_nothing_written(tmp_path, args, says):
@@ -562,3 +566,344 @@ def test_reproduce_continues_a_stopped_run_instead_of_starting_again(tmp_path, c
     with pytest.raises(RuntimeError):
         experiments.ensure([experiments.Planned(cfg, 2, timed=True)], runner)
     assert calls == [None]
+
+
+# ---- issue 28: every fault names its cause and leaves nothing behind
+
+def _job(proc) -> tuple[list[psutil.Process], set[str]]:
+    """The processes under a running mpiexec and the MPI shared-memory segments they map (other
+    sessions on this machine have their own: only this job's are checked)."""
+    procs = psutil.Process(proc.pid).children(recursive=True)
+    segs = set()
+    for p in procs:
+        try:
+            segs |= {p for p in (x.path for x in p.memory_maps()) if p.startswith("/dev/shm/")}
+        except psutil.Error:
+            pass
+    return procs, segs
+
+
+# many short epochs: a peer that stops is waited for after at most one short epoch's work
+SHORT = ["--np", "4", "--epochs", "30", "--limit-train", "240", "--limit-test", "40", "--quiet"]
+
+
+def _wait_progress(proc, out: Path, experiment: str, P: int) -> Path:
+    """The run folder, once every process writes its progress file (training is under way)."""
+    d = _wait_epochs(out, experiment, 0, proc)
+    t = time.time()
+    while not all((d / ".progress" / f"p{r:04d}").exists() for r in range(P)):
+        assert proc.poll() is None and time.time() - t < 120, "no progress files"
+        time.sleep(0.05)
+    time.sleep(1.0)  # into the first epoch's steps
+    return d
+
+
+def _alive(procs) -> list[str]:
+    out = []
+    for p in procs:
+        try:
+            if p.is_running() and p.status() != psutil.STATUS_ZOMBIE:
+                out.append(f"{p.pid} {p.status()} {' '.join(p.cmdline())[:80]}")
+        except psutil.Error:
+            pass
+    return out
+
+
+# A parent that never reaps (a container without an init, a supervisor): it adopts the job's orphans
+# (PR_SET_CHILD_SUBREAPER) and keeps them as zombies for as long as it lives.
+NON_REAPING_PARENT = """
+import ctypes, subprocess, sys, time
+ctypes.CDLL(None).prctl(36, 1)
+p = subprocess.Popen(sys.argv[1:])
+print(p.pid, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.mpi
+def test_a_job_killed_whole_under_a_parent_that_does_not_reap_is_died_and_resumed_at_once(cifar_dir, tmp_path):
+    cmd = [mpiexec(), "-n", "2", sys.executable, "-m", "labtools.cli", "train", *RUN, "--cifar-dir", cifar_dir,
+           "--out", str(tmp_path), "--experiment", "z"]
+    parent = subprocess.Popen([sys.executable, "-c", NON_REAPING_PARENT, *cmd], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True, env=_env(), cwd=REPO)
+    try:
+        job = int(parent.stdout.readline())
+        d = _wait_epochs(tmp_path, "z", 0, parent)  # the record is written: the job is training
+        procs, segs = _job(psutil.Process(job))
+        mpich = {p for p in segs if p.startswith("/dev/shm/mpich_")}  # UCX removes its own
+        assert mpich and {p for _, p in _manifest(d)["shm"]} == mpich, (segs, _manifest(d).get("shm"))
+        for p in [psutil.Process(job), *procs]:
+            p.kill()  # every process of the job at once: the OOM killer, a node reboot
+        t0 = time.time()
+        while _alive(procs):
+            time.sleep(0.05)
+        zombies = [p for p in psutil.Process(parent.pid).children() if p.status() == psutil.STATUS_ZOMBIE]
+        assert len(zombies) >= 2, zombies  # the workers (the keepers' children) linger as zombies
+        assert _manifest(d)["status"] == "running" and record.status(d) == "died"
+        record.RunRecord.open(d)  # the resume is accepted (it was refused until the 180 s heartbeat limit)
+        accepted = time.time() - t0
+        assert accepted < 5, accepted
+        listed = subprocess.run([sys.executable, "-m", "labtools.cli", "runs", "--results", str(tmp_path)],
+                                capture_output=True, text=True, env=_env())
+        assert "died" in listed.stdout, listed.stdout
+        assert all(os.path.exists(p) for p in mpich)  # MPI_Finalize never ran: the segments are still there
+        # the real command is accepted too (it gets as far as TensorFlow, blocked here: the
+        # whole resume is what test_kill9_... runs) and removes the dead job's segments first
+        r = subprocess.run([sys.executable, "-m", "labtools.cli", "train", "--resume", str(d)], capture_output=True,
+                           text=True, env={**_env(), **_no_tf(tmp_path)}, cwd=REPO, timeout=60)
+        assert "tensorflow imported before the cheap checks" in r.stderr and "still running" not in r.stderr, r.stderr
+    finally:
+        parent.kill()
+        parent.wait()
+    assert not [p for p in segs if os.path.exists(p)], segs
+    _matrix("kill -9 of every process (P=2) under a non-reaping parent, then --resume", rc="accepted",
+            seconds=round(accepted, 2), state="`died` at once; the resume is accepted and removes the job's segments")
+
+
+@pytest.mark.mpi
+@pytest.mark.parametrize("P, stopped", [(2, 1), (4, 2)])
+def test_a_stopped_peer_is_named_within_the_wait_limit_and_nothing_is_left(cifar_dir, tmp_path, P, stopped):
+    limit = 6
+    p = _launch(P, ["train", *SHORT, "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "st",
+                    "--wait-limit", str(limit)])
+    d = _wait_progress(p, tmp_path, "st", P)
+    victim = _worker(p, stopped)
+    procs, segs = _job(p)
+    assert segs
+    victim.suspend()  # SIGSTOP: alive, silent
+    t0 = time.time()
+    try:
+        rc, _, err, _ = _ended(p, 120)
+        took = time.time() - t0
+        while _alive(procs) and time.time() - t0 < limit + 10:
+            time.sleep(0.2)
+        left = _alive(procs)  # the stopped process included: nothing of the job may stay
+    finally:
+        for q in procs:
+            try:
+                q.kill()
+            except psutil.Error:
+                pass
+    host = os.uname().nodename
+    named = f"process {stopped} (host {host}, pid {victim.pid}) did not arrive: no sign of life"
+    assert rc != 0 and took < limit + 10, (rc, took, err[-2000:])
+    lines = [l for l in _lines(err) if l.startswith("labtools:")]
+    assert lines and all(named in l for l in lines) and "Traceback" not in err, err[-3000:]
+    m = _manifest(d)
+    assert m["status"] == "failed" and named in m["error"], m
+    assert [c["rank"] for c in m["not_arrived"]] == [stopped] and m["not_arrived"][0]["kind"] == "not responding"
+    assert not left, left
+    assert not [s for s in segs if os.path.exists(s)], segs
+    _matrix(f"SIGSTOP of process {stopped} (P={P}, --wait-limit {limit})", rc=rc, seconds=round(took, 2),
+            state=f"failed: {m['error']}", leftovers="none")
+
+
+@pytest.mark.hosts
+@pytest.mark.mpi
+def test_a_cut_off_host_is_named_unreachable_and_leaves_no_process(cifar_dir, tmp_path):
+    from labtools.emulate import Hosts, HostsError, netns_pids
+
+    if os.geteuid() != 0:
+        if os.environ.get("CI"):
+            pytest.fail("CI must run the emulated-host tests as root")
+        pytest.skip("emulated hosts need root")
+    limit = 6
+    try:
+        h = Hosts(2, rate="1gbit")
+    except HostsError as e:
+        pytest.fail(str(e))
+    try:
+        cmd = [mpiexec(), *h.mpiexec_args(1, n=2), sys.executable, "-m", "labtools.cli", "train", *SHORT,
+               "--threads", "1", "--cifar-dir", cifar_dir, "--out", str(tmp_path), "--experiment", "cut",
+               "--wait-limit", str(limit)]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                             env={**_env(), **h.env()})
+        d = _wait_progress(p, tmp_path, "cut", 2)
+        subprocess.run(["ip", "link", "set", h.veths[1], "down"], check=True)  # lt-h1 is gone from the network
+        t0 = time.time()
+        rc, _, err, _ = _ended(p, 120)
+        ended = time.time() - t0
+        while any(h.pids(n) for n in h.names) and time.time() - t0 < limit + 10:
+            time.sleep(0.2)
+        cleared = time.time() - t0
+        left = {n: [" ".join(psutil.Process(q).cmdline())[:60] for q in h.pids(n)] for n in h.names}
+    finally:
+        h.close()
+    assert not any(left.values()) and cleared < limit + 10, (cleared, left)
+    assert rc != 0 and ended < limit + 10, (rc, ended, err[-2000:])
+    says = "process 1 (host lt-h1, pid"
+    assert any(says in l and "is unreachable: host lt-h1 does not answer from lt-h0" in l
+               for l in _lines(err)), err[-3000:]
+    m = _manifest(d)
+    assert m["status"] == "failed" and "host lt-h1 does not answer" in m["error"], m
+    assert [(c["host"], c["kind"]) for c in m["not_arrived"]] == [("lt-h1", "unreachable")], m["not_arrived"]
+    _matrix(f"link of host lt-h1 cut (2 emulated hosts, --wait-limit {limit})", rc=rc, seconds=round(ended, 2),
+            state=f"failed: {m['error']}", leftovers=f"none after {cleared:.1f}s")
+
+
+# a TensorFlow that cannot be imported: what must be decided before it is, is
+NO_TF = "raise ImportError('tensorflow imported before the cheap checks')\n"
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A run that failed in its 2nd epoch, with the checkpoint after epoch 1, written by RunRecord as
+    training writes it (the states are small stand-ins: what is checked is the file, not its numbers)."""
+    from labtools import numerics
+
+    out = tmp_path_factory.mktemp("stopped")
+    cfg = RunConfig(np=2, epochs=2, limit_train=96, limit_test=20, quiet=True, out=str(out), experiment="c",
+                    run_id="base")
+    rec = record.RunRecord.create(out, "c", "base", "base")
+    rec.start({"config": cfg.to_dict(), "world": 2, "processes": 1, "science_key": cfg.science_key(),
+               "numerics_version": numerics.VERSION, "numerics_sources": numerics.sources_sha(), "threads": 1})
+    rec.add_epoch({"epoch": 1}, [{"rank": 0, "epoch": 1}, {"rank": 1, "epoch": 1}])
+    w = np.random.default_rng(0).standard_normal(20_000).astype(np.float32)
+    rec.save_checkpoint({0: [w, w * 0], 1: [w, w * 0 + 1]}, {"epochs_done": 1, "wall_s": 1.0, "init_diag": {}})
+    rec.mark(record.FAILED, "InjectedFailure: injected failure on rank 0 in epoch 1")
+    d = out / "c" / "base"
+    assert _manifest(d)["checkpoint"]["epochs_done"] == 1
+    return d
+
+
+def _no_tf(tmp_path) -> dict:
+    (tmp_path / "notf").mkdir(exist_ok=True)
+    (tmp_path / "notf" / "tensorflow.py").write_text(NO_TF)
+    return {"PYTHONPATH": str(tmp_path / "notf")}
+
+
+def _damage(ck: Path, how: str) -> None:
+    data = ck.read_bytes()
+    if how == "truncated":
+        ck.write_bytes(data[:len(data) // 2])
+    elif how == "flipped":
+        i = len(data) // 2
+        ck.write_bytes(data[:i] + bytes([data[i] ^ 0x01]) + data[i + 1:])
+    elif how == "emptied":
+        ck.write_bytes(b"")
+    else:
+        ck.unlink()
+
+
+@pytest.mark.parametrize("how, says", [("truncated", "BadZipFile"), ("flipped", "Bad CRC-32"),
+                                       ("emptied", "the file is empty"), ("deleted", None), ("intact", None)])
+def test_a_damaged_checkpoint_is_one_sentence_before_tensorflow(stopped_run, tmp_path, how, says):
+    d = tmp_path / "c" / how
+    import shutil
+
+    shutil.copytree(stopped_run, d)
+    if how != "intact":
+        _damage(d / "checkpoint.npz", how)
+    p = subprocess.Popen([sys.executable, "-m", "labtools.cli", "train", "--resume", str(d)], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env={**_env(), **_no_tf(tmp_path)}, cwd=REPO)
+    rc, _, err, took = _ended(p)
+    lines = _lines(err)
+    if says:
+        assert rc == 2 and len(lines) == 1 and "Traceback" not in err, err
+        assert f"{d / 'checkpoint.npz'} is damaged (" in lines[0] and says in lines[0], lines
+        assert "start it again from epoch 1" in lines[0], lines
+        assert f"delete that file and run `labtools train --resume {d}`" in lines[0]
+        assert _manifest(d)["status"] == "failed"  # a refused resume writes nothing
+        _matrix(f"checkpoint {how}, --resume", rc=rc, seconds=round(took, 2), state="failed (unchanged)",
+                says=lines[0])
+    else:  # accepted: it gets as far as TensorFlow (blocked here), and a restart from epoch 1 says so
+        assert "tensorflow imported before the cheap checks" in err, err
+        restart = "has no checkpoint, so the run starts again from epoch 1 (the 1 epoch(s) recorded are trained again)"
+        assert (restart in err) == (how == "deleted"), err
+
+
+def test_the_checkpoint_checksum_is_kept_and_checked(tmp_path):
+    rec = record.RunRecord.create(tmp_path, "e", "r", "r")
+    rec.manifest = {"world": 1}
+    rec.save_checkpoint({0: [np.arange(4.0, dtype=np.float32)]}, {"epochs_done": 1})
+    assert _manifest(rec.dir)["checkpoint"]["epochs_done"] == 1
+    again = record.RunRecord(rec.dir)
+    again.manifest = _manifest(rec.dir)
+    meta, states = again.load_checkpoint()
+    assert meta["epochs_done"] == 1 and states[0][0].tolist() == [0, 1, 2, 3]
+    # a whole file that is not the one recorded (same epoch): damaged; a newer one (its checksum's write lost): fine
+    other = record.RunRecord(tmp_path / "e" / "r")
+    other.manifest = {}
+    other.save_checkpoint({0: [np.ones(4, np.float32)]}, {"epochs_done": 1})
+    again.manifest = {**_manifest(rec.dir), "checkpoint": {**again.manifest["checkpoint"], "sha256": "0" * 64}}
+    with pytest.raises(record.RecordError, match="checksum differs from the one recorded after epoch 1"):
+        again.load_checkpoint()
+    again.manifest["checkpoint"]["epochs_done"] = 0
+    assert again.load_checkpoint()[0]["epochs_done"] == 1
+
+
+def test_cheap_checks_come_before_tensorflow(stopped_run, tmp_path):
+    env = {**_env(), **_no_tf(tmp_path)}
+    for args, says in ([["--run-id", "base", "--out", str(stopped_run.parent.parent), "--experiment", "c"],
+                        f"run folder {stopped_run} already exists"],
+                       [["--resume", str(stopped_run), "--lr", "0.1"], "drop --lr"],
+                       [["--seed", "-1"], "--seed must not be negative; got -1."],
+                       [["--wait-limit", "-3"], "--wait-limit must not be negative; got -3.0."],
+                       [["--sync-every", "-2"], "--sync-every must not be negative; got -2."],
+                       [["--force"], "--force goes with --resume RUN_DIR"]):
+        p = subprocess.Popen([sys.executable, "-m", "labtools.cli", "train", *args], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        rc, _, err, took = _ended(p)
+        assert rc == 2 and len(_lines(err)) == 1 and says in err, (args, err)
+        _matrix("train " + " ".join(a for a in args if not a.startswith("/")), rc=rc, seconds=round(took, 2),
+                state="nothing written, TensorFlow never imported", says=_lines(err)[0])
+
+
+def test_resume_on_another_host_says_how_long_and_the_way_out(tmp_path):
+    rec = record.RunRecord.create(tmp_path, "e", "r", "r")
+    rec.start({"world": 2, "config": {"epochs": 2}, "pids": [["elsewhere", 1], ["elsewhere", 2]]})
+    rec.stop_heartbeat()
+    assert record.status(rec.dir) == "running"
+    with pytest.raises(record.RecordError) as e:
+        record.RunRecord.open(rec.dir)
+    msg = str(e.value)
+    assert "may still be running on elsewhere" in msg and "counts as died when the heartbeat is 180s old, in" in msg
+    assert f"`labtools train --resume {rec.dir} --force`" in msg
+    assert record.RunRecord.open(rec.dir, force=True).dir == rec.dir
+    # here, a live process is never overridden
+    mine = record.RunRecord.create(tmp_path, "e", "m", "m")
+    mine.start({"world": 1, "config": {"epochs": 2}, "pids": [[os.uname().nodename, os.getpid()]]})
+    mine.stop_heartbeat()
+    with pytest.raises(record.RecordError, match=f"still running here \\(pid {os.getpid()} "):
+        record.RunRecord.open(mine.dir, force=True)
+
+
+@pytest.mark.notebook
+def test_a_truncated_manifest_is_named_and_skipped_and_reproduction_goes_on(tmp_path):
+    import shutil
+    import warnings
+
+    store = tmp_path / "store"
+    shutil.copytree(REPO / "results", store, ignore=shutil.ignore_patterns("local"))
+    victim = sorted((store / "quickstart-quick").glob("*/manifest.json"))[0]
+    n = len(results.load_runs(store, "quickstart-quick"))
+    victim.write_text(victim.read_text()[:300])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        df = results.load_runs(store, "quickstart-quick", include_incomplete=True)
+        done = results.load_runs(store, "quickstart-quick")
+    assert len(done) == n - 1 and victim.parent.name not in set(df.run_id)
+    assert any(str(victim) in str(x.message) and "is left out" in str(x.message) for x in w), [str(x.message) for x in w]
+    listed = subprocess.run([sys.executable, "-m", "labtools.cli", "runs", "--results", str(store), "--all",
+                             "--experiment", "quickstart-quick"], capture_output=True, text=True, env=_env())
+    assert f"{victim.parent.name} quickstart-quick unreadable (JSONDecodeError)" in " ".join(listed.stdout.split())
+    t0 = time.time()
+    r = subprocess.run([sys.executable, "-m", "labtools.cli", "reproduce", "--profile", "quick", "--stored-only",
+                        "--notebook", "02_strong_scaling", "--results", str(store), "--out", str(tmp_path / "fig")],
+                       capture_output=True, text=True, env=_env(), cwd=REPO)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _matrix("a completed run's manifest cut to 300 bytes; reproduce --stored-only", rc=r.returncode,
+            seconds=round(time.time() - t0, 2), state=f"{n - 1} of {n} runs read; the cut one named in a warning")
+
+
+def test_runs_says_when_the_checkpoint_holds_fewer_epochs_than_recorded(tmp_path):
+    from labtools.listing import run_rows
+
+    rec = record.RunRecord.create(tmp_path, "e", "r", "r")
+    rec.start({"world": 1, "processes": 1, "config": {"epochs": 3}})
+    rec.stop_heartbeat()
+    rec.add_epoch({"epoch": 1}, [])
+    rec.save_checkpoint({0: [np.zeros(2, np.float32)]}, {"epochs_done": 1})
+    rec.add_epoch({"epoch": 2}, [])  # the checkpoint after epoch 2 was never written (a full disk)
+    rec.mark(record.FAILED, "OSError: [Errno 28] No space left on device")
+    assert run_rows(tmp_path)[0]["epochs"] == "2/3 (ckpt 1)"
