@@ -63,12 +63,18 @@ class SelectionStudy(Study):
         return [self._planned(winner, s, 0) for s in self.p["test_seeds"]]
 
     def planned(self) -> list[Planned]:
-        """The selection runs and, as an estimate, the test runs of the recommended candidate (the real
-        winner is known only after the selection runs)."""
+        """The selection runs and the test runs of the winner: chosen by the rule when every selection run
+        is stored (so a second main job counts no run it will not train), else, as an estimate, of the
+        recommended candidate."""
+        from ..experiments import stored
         from ..profiles import RECOMMENDED
 
-        guess = RECOMMENDED if RECOMMENDED in self.p["candidates"] else self.p["candidates"][0]
-        return self.plan() + self.test_plan(guess)
+        dirs, missing = stored(self.plan(), desc=None)
+        if not missing:
+            winner = choose(self.val_table(self.ctx.load(dirs)))
+        else:
+            winner = RECOMMENDED if RECOMMENDED in self.p["candidates"] else self.p["candidates"][0]
+        return self.plan() + self.test_plan(winner)
 
     def collect(self):
         """(selection runs, winner, test runs): the test runs are planned only after the choice."""
