@@ -58,7 +58,8 @@ t_wheels=$(( $(date +%s) - t0 ))
 # 3. Inside the root: the venv, the kernels, two tiny trainings. CA certificates are the host's (pip
 # inside would need them through this network's proxy; it runs offline here anyway).
 cp /etc/ssl/certs/ca-certificates.crt "$ROOT/etc/ssl/certs/ca-certificates.crt"
-mkdir -p "$ROOT/work/repo" "$ROOT/work/wheels" "$ROOT/work/cifar" "$ROOT/proc" "$ROOT/dev" "$ROOT/sys"
+IN=/mnt/labtools-check  # inside the emulated root only: where the bench folder, the wheels and CIFAR-10 are bound
+mkdir -p "$ROOT$IN/repo" "$ROOT$IN/wheels" "$ROOT$IN/cifar" "$ROOT/proc" "$ROOT/dev" "$ROOT/sys"
 mounts=()
 bind() { mount --bind "$1" "$2"; mounts=("$2" "${mounts[@]}"); }
 cleanup() { for m in "${mounts[@]}"; do umount -l "$m" 2>/dev/null || true; done; }
@@ -67,14 +68,14 @@ mount -t proc proc "$ROOT/proc"; mounts=("$ROOT/proc" "${mounts[@]}")
 bind /dev "$ROOT/dev"
 bind /dev/shm "$ROOT/dev/shm"
 bind /sys "$ROOT/sys"  # hwloc (MPICH) reads the CPU topology there
-bind "$REPO/bench" "$ROOT/work/repo"
-bind "$WHEELS" "$ROOT/work/wheels"
-bind "$data" "$ROOT/work/cifar"
+bind "$REPO/bench" "$ROOT$IN/repo"
+bind "$WHEELS" "$ROOT$IN/wheels"
+bind "$data" "$ROOT$IN/cifar"
 chroot "$ROOT" /usr/bin/env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8 \
-  T_ROOT="$t_root" T_WHEELS="$t_wheels" CIFAR10_DIR=/work/cifar \
+  T_ROOT="$t_root" T_WHEELS="$t_wheels" CIFAR10_DIR="$IN/cifar" IN="$IN" \
   /bin/bash -euo pipefail -c '
     rm -rf /opt/labtools && python3 -m venv /opt/labtools
     t0=$(date +%s)
-    /opt/labtools/bin/pip install -q --no-index --find-links /work/wheels "labtools[mpich]"
+    /opt/labtools/bin/pip install -q --no-index --find-links "$IN/wheels" "labtools[mpich]"
     export T_INSTALL=$(( $(date +%s) - t0 ))
-    /opt/labtools/bin/python /work/repo/arm64/run.py /work/repo/results/arm64.json'
+    /opt/labtools/bin/python "$IN/repo/arm64/run.py" "$IN/repo/results/arm64.json"'
